@@ -24,7 +24,8 @@ pub struct Header {
 
 impl Header {
     pub fn decode(bytes: &[u8; HEADER_SIZE]) -> Header {
-        let u32_at = |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let u32_at =
+            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
         let mut id = [0u8; 8];
         id.copy_from_slice(&bytes[8..16]);
         Header {
@@ -84,9 +85,13 @@ pub struct Frame {
 /// that a request can still be answered with an error response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame size {size} is smaller than the {HEADER_SIZE}-byte header (type {raw_type:#010x}, id {id})")]
+    #[error(
+        "frame size {size} is smaller than the {HEADER_SIZE}-byte header (type {raw_type:#010x}, id {id})"
+    )]
     TooSmall { size: u32, raw_type: u32, id: u64 },
-    #[error("frame size {size} exceeds the limit of {limit} bytes (type {raw_type:#010x}, id {id})")]
+    #[error(
+        "frame size {size} exceeds the limit of {limit} bytes (type {raw_type:#010x}, id {id})"
+    )]
     TooLarge {
         size: u32,
         limit: u32,
@@ -130,9 +135,8 @@ impl FrameError {
             FrameError::TooSmall { raw_type, id, .. }
             | FrameError::TooLarge { raw_type, id, .. }
             | FrameError::UnknownType { raw_type, id } => (raw_type, id),
-            FrameError::InvalidUtf8 { ident, id, .. } | FrameError::InvalidJson { ident, id, .. } => {
-                (ident.to_u32(), id)
-            }
+            FrameError::InvalidUtf8 { ident, id, .. }
+            | FrameError::InvalidJson { ident, id, .. } => (ident.to_u32(), id),
             FrameError::EncodeTooLarge { .. } => return None,
         };
         crate::ident::raw_is_request(raw_type).then_some((id, raw_type))
@@ -167,16 +171,17 @@ impl Frame {
 
     /// Decodes a frame from a complete buffer (header and body), as a fuzzer or a test would.
     pub fn decode(bytes: &[u8], max_frame_size: u32) -> Result<Frame, FrameError> {
-        let head: &[u8; HEADER_SIZE] = match bytes.get(..HEADER_SIZE).and_then(|h| h.try_into().ok()) {
-            Some(h) => h,
-            None => {
-                return Err(FrameError::TooSmall {
-                    size: bytes.len() as u32,
-                    raw_type: 0,
-                    id: 0,
-                });
-            }
-        };
+        let head: &[u8; HEADER_SIZE] =
+            match bytes.get(..HEADER_SIZE).and_then(|h| h.try_into().ok()) {
+                Some(h) => h,
+                None => {
+                    return Err(FrameError::TooSmall {
+                        size: bytes.len() as u32,
+                        raw_type: 0,
+                        id: 0,
+                    });
+                }
+            };
         let header = Header::decode(head);
         let ident = header.validate(max_frame_size)?;
         let body = &bytes[HEADER_SIZE..];
@@ -273,11 +278,24 @@ mod tests {
         assert_eq!(e.request_to_answer(), Some((3, 0x10100101)));
 
         let e = Frame::decode(&raw(0x10100101, 2048, 4, b"{}"), 1024).unwrap_err();
-        assert!(matches!(e, FrameError::TooLarge { size: 2048, limit: 1024, .. }));
+        assert!(matches!(
+            e,
+            FrameError::TooLarge {
+                size: 2048,
+                limit: 1024,
+                ..
+            }
+        ));
         assert!(!e.is_stream_fatal());
 
         let e = Frame::decode(&raw(0x10109901, 18, 5, b"{}"), 1024).unwrap_err();
-        assert_eq!(e, FrameError::UnknownType { raw_type: 0x10109901, id: 5 });
+        assert_eq!(
+            e,
+            FrameError::UnknownType {
+                raw_type: 0x10109901,
+                id: 5
+            }
+        );
         assert_eq!(e.hresult(), crate::hresult::VM_UNKNOWN_MESSAGE);
 
         // truncated: header promises more than the buffer holds
@@ -289,7 +307,10 @@ mod tests {
     #[test]
     fn body_checks() {
         let f = Frame::decode(&raw(0x10100601, 18, 1, b"\xff{"), 1024).unwrap();
-        assert!(matches!(f.text(), Err(FrameError::InvalidUtf8 { offset: 0, .. })));
+        assert!(matches!(
+            f.text(),
+            Err(FrameError::InvalidUtf8 { offset: 0, .. })
+        ));
         let f = Frame::decode(&raw(0x10100601, 19, 1, b"{x}"), 1024).unwrap();
         let e = f.parse::<serde_json::Value>().unwrap_err();
         assert_eq!(e.hresult(), crate::hresult::VM_INVALID_JSON);
@@ -303,6 +324,9 @@ mod tests {
             body: vec![b' '; 100],
         };
         assert!(f.encode(116).is_ok());
-        assert!(matches!(f.encode(115), Err(FrameError::EncodeTooLarge { size: 116, .. })));
+        assert!(matches!(
+            f.encode(115),
+            Err(FrameError::EncodeTooLarge { size: 116, .. })
+        ));
     }
 }

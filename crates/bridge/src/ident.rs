@@ -249,7 +249,11 @@ mod tests {
             0x30100201, // notification number 2
             u32::MAX,
         ] {
-            assert_eq!(Identifier::from_u32(raw), Err(UnknownType { raw }), "{raw:#x}");
+            assert_eq!(
+                Identifier::from_u32(raw),
+                Err(UnknownType { raw }),
+                "{raw:#x}"
+            );
         }
     }
 }

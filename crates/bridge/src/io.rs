@@ -138,13 +138,22 @@ mod tests {
         input.extend(frame_bytes(0x10100601, 3, br#"{"ProcessId":7}"#));
         let mut r = &input[..];
         let e = read_frame(&mut r, 1024).await.unwrap_err();
-        assert!(matches!(e, ReadError::Frame(FrameError::TooLarge { id: 1, .. })));
+        assert!(matches!(
+            e,
+            ReadError::Frame(FrameError::TooLarge { id: 1, .. })
+        ));
         let e = read_frame(&mut r, 1024).await.unwrap_err();
-        assert!(matches!(e, ReadError::Frame(FrameError::UnknownType { id: 2, .. })));
+        assert!(matches!(
+            e,
+            ReadError::Frame(FrameError::UnknownType { id: 2, .. })
+        ));
         let f = read_frame(&mut r, 1024).await.unwrap();
         assert_eq!(f.ident, Identifier::Request(Rpc::WaitForProcess));
         assert_eq!(f.id, 3);
-        assert!(matches!(read_frame(&mut r, 1024).await, Err(ReadError::Closed)));
+        assert!(matches!(
+            read_frame(&mut r, 1024).await,
+            Err(ReadError::Closed)
+        ));
     }
 
     #[tokio::test]
@@ -153,7 +162,10 @@ mod tests {
         let mut r = &full[..10];
         assert!(matches!(
             read_frame(&mut r, 1024).await,
-            Err(ReadError::Truncated { expected: 16, got: 10 })
+            Err(ReadError::Truncated {
+                expected: 16,
+                got: 10
+            })
         ));
         let mut r = &full[..17];
         assert!(matches!(

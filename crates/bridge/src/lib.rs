@@ -102,7 +102,9 @@ mod tests {
         assert!(validate_container_id(UVM_CONTAINER_ID).is_ok());
         assert!(validate_container_id("web-1.a_b").is_ok());
         assert_eq!(validate_container_id(""), Err(InvalidId::Empty));
-        for bad in ["a/b", "..", "a..b", "../etc", ".hidden", "-x", "a b", "a\0b", "é"] {
+        for bad in [
+            "a/b", "..", "a..b", "../etc", ".hidden", "-x", "a b", "a\0b", "é",
+        ] {
             assert!(validate_container_id(bad).is_err(), "{bad:?} accepted");
         }
         let long = "a".repeat(MAX_CONTAINER_ID_LEN + 1);

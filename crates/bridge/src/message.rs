@@ -595,6 +595,12 @@ macro_rules! by_rpc {
                 }
             }
 
+            pub fn base_mut(&mut self) -> &mut $base {
+                match self {
+                    $($name::$rpc(m) => &mut m.$basefield,)*
+                }
+            }
+
             /// Parses a body of the given message.
             pub fn parse(rpc: Rpc, frame: &Frame) -> Result<Self, FrameError> {
                 Ok(match rpc {
@@ -695,16 +701,21 @@ impl Message {
 }
 
 impl Response {
-    /// The error response to request `id` of kind `rpc`, carrying only the common fields. Every response type has
-    /// defaults for its own fields, so this is valid for all of them.
-    pub fn error_frame(rpc: Rpc, id: u64, result: i32, message: impl Into<String>) -> Frame {
-        let base = ResponseBase::error(result, message);
+    /// The response to request `id` of kind `rpc` carrying only the common fields (an error,
+    /// typically). Every response type has defaults for its own fields, so this is valid for all
+    /// of them.
+    pub fn base_frame(rpc: Rpc, id: u64, base: &ResponseBase) -> Frame {
         Frame {
             ident: Identifier::Response(rpc),
             id,
             // ResponseBase always serialises.
-            body: serde_json::to_vec(&base).unwrap_or_default(),
+            body: serde_json::to_vec(base).unwrap_or_default(),
         }
+    }
+
+    /// An error response to request `id`.
+    pub fn error_frame(rpc: Rpc, id: u64, result: i32, message: impl Into<String>) -> Frame {
+        Self::base_frame(rpc, id, &ResponseBase::error(result, message))
     }
 }
 
@@ -719,7 +730,8 @@ mod tests {
             .to_frame(id)
             .and_then(|f| f.encode(u32::MAX))
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let frame = Frame::decode(&bytes, u32::MAX).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let frame =
+            Frame::decode(&bytes, u32::MAX).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(frame.id, id);
         let back = Message::from_frame(&frame).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(back, msg);

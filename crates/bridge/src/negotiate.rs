@@ -120,6 +120,9 @@ mod tests {
         let plain = serde_json::json!({"SignalProcessSupported": true});
         let got = GuestCapabilities::from_value(&plain);
         assert!(got.signal_process_supported && !got.ferry_exit_records);
-        assert_eq!(GuestCapabilities::from_value(&serde_json::json!(7)), GuestCapabilities::default());
+        assert_eq!(
+            GuestCapabilities::from_value(&serde_json::json!(7)),
+            GuestCapabilities::default()
+        );
     }
 }

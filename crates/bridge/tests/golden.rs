@@ -41,7 +41,8 @@ fn golden(raw_type: u32, id: u64, body: &str) -> Message {
 
 #[test]
 fn negotiate_protocol() {
-    let body = format!(r#"{{"ContainerId":"","ActivityId":"{Z}","MinimumVersion":4,"MaximumVersion":4}}"#);
+    let body =
+        format!(r#"{{"ContainerId":"","ActivityId":"{Z}","MinimumVersion":4,"MaximumVersion":4}}"#);
     let Message::Request(Request::NegotiateProtocol(r)) = golden(0x10100b01, 0, &body) else {
         panic!()
     };
@@ -66,7 +67,10 @@ fn create_with_double_encoded_oci_spec() {
         r#"{{"ContainerId":"web","ActivityId":"{Z}","ContainerConfig":{}}}"#,
         serde_json::to_string(config).unwrap()
     );
-    assert!(body.contains(r#"\"OciBundlePath\""#), "config is a string of JSON");
+    assert!(
+        body.contains(r#"\"OciBundlePath\""#),
+        "config is a string of JSON"
+    );
     let bytes = wire(0x10100101, 7, &body);
     let frame = Frame::decode(&bytes, 64 * 1024).unwrap();
     assert_eq!(frame.ident, Identifier::Request(Rpc::Create));
@@ -104,7 +108,9 @@ fn lifecycle_requests_with_only_common_fields() {
         (0x10100d01, Rpc::DeleteContainerState),
     ] {
         let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}"}}"#);
-        let Message::Request(r) = golden(raw, 3, &body) else { panic!() };
+        let Message::Request(r) = golden(raw, 3, &body) else {
+            panic!()
+        };
         assert_eq!(r.rpc(), rpc);
         assert_eq!(r.base().container_id, "web");
         if rpc != Rpc::DumpStacks {
@@ -136,7 +142,10 @@ fn execute_process() {
     assert!(p.create_in_utility_vm);
     assert_eq!(p.environment["PATH"], "/bin");
     let ports = e.settings.vsock_stdio_relay_settings;
-    assert_eq!((ports.std_in, ports.std_out, ports.std_err), (0x40000001, 0x40000002, 0));
+    assert_eq!(
+        (ports.std_in, ports.std_out, ports.std_err),
+        (0x40000001, 0x40000002, 0)
+    );
 
     let Message::Response(Response::ExecuteProcess(r)) =
         golden(0x20100501, 11, r#"{"Result":0,"ProcessId":4242}"#)
@@ -152,7 +161,9 @@ fn execute_process() {
 
 #[test]
 fn wait_signal_resize() {
-    let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"TimeoutInMs":4294967295}}"#);
+    let body = format!(
+        r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"TimeoutInMs":4294967295}}"#
+    );
     let Message::Request(Request::WaitForProcess(w)) = golden(0x10100601, 12, &body) else {
         panic!()
     };
@@ -164,13 +175,17 @@ fn wait_signal_resize() {
     };
     assert_eq!(w.exit_code, 137);
 
-    let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"Options":{{"Signal":15}}}}"#);
+    let body = format!(
+        r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"Options":{{"Signal":15}}}}"#
+    );
     let Message::Request(Request::SignalProcess(s)) = golden(0x10100701, 13, &body) else {
         panic!()
     };
     assert_eq!(s.options.unwrap().signal, 15);
 
-    let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"Height":40,"Width":120}}"#);
+    let body = format!(
+        r#"{{"ContainerId":"web","ActivityId":"{Z}","ProcessId":42,"Height":40,"Width":120}}"#
+    );
     let Message::Request(Request::ResizeConsole(r)) = golden(0x10100801, 14, &body) else {
         panic!()
     };
@@ -186,11 +201,18 @@ fn get_properties_double_encoded_both_ways() {
         panic!()
     };
     assert_eq!(q.query.0.property_types, ["ProcessList"]);
-    let body = r#"{"Result":0,"Properties":"{\"ProcessList\":[{\"ProcessId\":1},{\"ProcessId\":7}]}"}"#;
+    let body =
+        r#"{"Result":0,"Properties":"{\"ProcessList\":[{\"ProcessId\":1},{\"ProcessId\":7}]}"}"#;
     let Message::Response(Response::GetProperties(p)) = golden(0x20100901, 15, body) else {
         panic!()
     };
-    let pids: Vec<u32> = p.properties.0.process_list.iter().map(|d| d.process_id).collect();
+    let pids: Vec<u32> = p
+        .properties
+        .0
+        .process_list
+        .iter()
+        .map(|d| d.process_id)
+        .collect();
     assert_eq!(pids, [1, 7]);
 }
 
@@ -203,7 +225,9 @@ fn modify_and_update_keep_their_json() {
         panic!()
     };
     assert_eq!(m.resource_type(), Some("MappedVirtualDisk"));
-    let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}","Resources":{{"Memory":{{"Limit":1}}}}}}"#);
+    let body = format!(
+        r#"{{"ContainerId":"web","ActivityId":"{Z}","Resources":{{"Memory":{{"Limit":1}}}}}}"#
+    );
     golden(0x10100e01, 17, &body);
 }
 
@@ -212,22 +236,30 @@ fn container_notification() {
     let body = format!(
         r#"{{"ContainerId":"web","ActivityId":"{Z}","Type":"UnexpectedExit","Operation":"None","Result":137,"ResultInfo":"{{\"Reason\":\"killed\"}}"}}"#
     );
-    let Message::Notification(n) = golden(0x30100101, 0, &body) else { panic!() };
+    let Message::Notification(n) = golden(0x30100101, 0, &body) else {
+        panic!()
+    };
     assert_eq!(n.base.container_id, "web");
     assert_eq!(n.kind, notification_type::UNEXPECTED_EXIT);
     assert_eq!(n.result, 137);
     assert_eq!(n.result_info.unwrap().0["Reason"], "killed");
     // hcsshim's Linux GCS sends an empty ResultInfo, or none at all
-    let body = format!(r#"{{"ContainerId":"web","ActivityId":"{Z}","Type":"GracefulExit","Operation":"None","Result":0,"ResultInfo":""}}"#);
+    let body = format!(
+        r#"{{"ContainerId":"web","ActivityId":"{Z}","Type":"GracefulExit","Operation":"None","Result":0,"ResultInfo":""}}"#
+    );
     let f = Frame::decode(&wire(0x30100101, 0, &body), 65536).unwrap();
-    let Message::Notification(n) = Message::from_frame(&f).unwrap() else { panic!() };
+    let Message::Notification(n) = Message::from_frame(&f).unwrap() else {
+        panic!()
+    };
     assert!(n.result_info.is_none());
 }
 
 #[test]
 fn error_responses() {
     let body = r#"{"Result":-2147023728,"ErrorMessage":"process 9 not found","ErrorRecords":[{"Result":-2147023728,"Message":"process 9 not found","ModuleName":"ferry-gcs","FileName":"","Line":0}],"ExitCode":0}"#;
-    let Message::Response(r) = golden(0x20100601, 21, body) else { panic!() };
+    let Message::Response(r) = golden(0x20100601, 21, body) else {
+        panic!()
+    };
     assert_eq!(r.base().result, hresult::E_NOT_FOUND);
     assert!(!r.base().is_success());
     assert_eq!(r.base().message(), "process 9 not found");
@@ -235,7 +267,12 @@ fn error_responses() {
 
 #[test]
 fn bad_json_is_a_typed_error() {
-    for body in ["{", "[]", r#"{"ContainerId":5}"#, r#"{"Settings":{"ProcessParameters":"{not json"}}"#] {
+    for body in [
+        "{",
+        "[]",
+        r#"{"ContainerId":5}"#,
+        r#"{"Settings":{"ProcessParameters":"{not json"}}"#,
+    ] {
         let f = Frame::decode(&wire(0x10100501, 1, body), 65536).unwrap();
         let e = Message::from_frame(&f).unwrap_err();
         assert_eq!(e.hresult(), hresult::VM_INVALID_JSON, "{body}: {e}");

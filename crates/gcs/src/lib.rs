@@ -1,0 +1,31 @@
+//! ferry-gcs: the guest agent. It dials the host's bridge, speaks the GCS bridge protocol v4,
+//! and runs containers and processes whose stdio it relays over per-process ports.
+//!
+//! What sets it apart from a plain GCS is that nothing it runs depends on the bridge connection:
+//! when the host goes away (a host restart, a live migration) containers, processes, pending
+//! waits and exit notifications all stay, and a new host connection picks them up.
+
+pub mod agent;
+pub mod connection;
+pub mod container;
+pub mod error;
+pub mod handlers;
+pub mod outbox;
+pub mod process;
+
+pub use agent::{Agent, Config};
+
+/// Runs the agent until the host shuts the UVM down.
+pub async fn run(config: Config) -> std::io::Result<()> {
+    // A process started by a container may double-fork; as subreaper the agent collects the
+    // orphans instead of leaving zombies to whatever init the host has.
+    if std::process::id() != 1 {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    let agent = Agent::new(config)?;
+    let reaper = tokio::spawn(agent.reaper.clone().run());
+    connection::serve(agent).await;
+    reaper.abort();
+    Ok(())
+}

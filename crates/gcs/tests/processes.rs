@@ -1,0 +1,225 @@
+//! Processes in the utility VM (no container): stdio through dialled ports, exit codes,
+//! signals, terminals, process lists.
+
+mod support;
+
+use bridge::message::*;
+use bridge::{UVM_CONTAINER_ID as UVM, hresult};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn stdout_and_stderr_arrive_complete_and_separate() {
+    let mut gcs = Gcs::start("sep").await;
+    let conn = gcs.connect().await;
+    let (pid, mut io) = gcs
+        .exec_uvm(
+            &conn,
+            &[
+                "sh",
+                "-c",
+                "echo out; echo err >&2; head -c 1048576 /dev/zero; exit 7",
+            ],
+            (false, true, true),
+        )
+        .await;
+    let (out, err) = tokio::join!(
+        read_all(io.stdout.as_mut().unwrap()),
+        read_all(io.stderr.as_mut().unwrap())
+    );
+    assert_eq!(&out[..4], b"out\n");
+    assert_eq!(out.len(), 4 + 1048576);
+    assert!(out[4..].iter().all(|&b| b == 0));
+    assert_eq!(err, b"err\n");
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 7);
+}
+
+#[tokio::test]
+async fn stdin_flows_and_end_of_input_is_seen() {
+    let mut gcs = Gcs::start("stdin").await;
+    let conn = gcs.connect().await;
+    let (pid, mut io) = gcs
+        .exec_uvm(&conn, &["sh", "-c", "cat; echo done"], (true, true, false))
+        .await;
+    let mut stdin = io.stdin.take().unwrap();
+    stdin
+        .write_all(b"hello through the bridge\n")
+        .await
+        .unwrap();
+    stdin.shutdown().await.unwrap();
+    let out = read_all(io.stdout.as_mut().unwrap()).await;
+    assert_eq!(out, b"hello through the bridge\ndone\n");
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
+}
+
+#[tokio::test]
+async fn killed_by_signal_reports_128_plus_n() {
+    let mut gcs = Gcs::start("sig").await;
+    let conn = gcs.connect().await;
+    let (pid, _io) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, false, false))
+        .await;
+    ok(&conn.call(signal_req(UVM, pid, 15)).await);
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 143);
+
+    let (pid, _io) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, false, false))
+        .await;
+    // No options at all means kill.
+    ok(&conn
+        .call(Request::SignalProcess(SignalProcessRequest {
+            base: base(UVM),
+            process_id: pid,
+            options: None,
+        }))
+        .await);
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 137);
+    // An exited process cannot be signalled; a bogus signal number is refused.
+    let r = conn.call(signal_req(UVM, pid, 9)).await;
+    assert_eq!(r.base().result, hresult::E_NOT_FOUND);
+    let (pid, _io) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, false, false))
+        .await;
+    let r = conn.call(signal_req(UVM, pid, 999)).await;
+    assert_eq!(r.base().result, hresult::E_INVALID_ARG);
+    assert!(r.base().message().contains("999"));
+    ok(&conn.call(signal_req(UVM, pid, 9)).await);
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 137);
+}
+
+#[tokio::test]
+async fn terminal_with_resize() {
+    let mut gcs = Gcs::start("tty").await;
+    let conn = gcs.connect().await;
+    let params = ProcessParameters {
+        command_args: vec![
+            "sh".into(),
+            "-c".into(),
+            "stty size; read x; stty size; tty".into(),
+        ],
+        emulate_console: true,
+        console_size: Some([24, 80]),
+        create_std_in_pipe: true,
+        create_std_out_pipe: true,
+        ..Default::default()
+    };
+    let (resp, mut io) = gcs.exec_raw(&conn, UVM, params, (true, true, false)).await;
+    ok(&resp);
+    let Response::ExecuteProcess(e) = resp else {
+        panic!()
+    };
+    let pid = e.process_id;
+    let mut out = io.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("24 80") {
+        let n = within("first stty output", out.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            n > 0,
+            "terminal closed early: {:?}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    ok(&conn
+        .call(Request::ResizeConsole(ResizeConsoleRequest {
+            base: base(UVM),
+            process_id: pid,
+            height: 40,
+            width: 120,
+        }))
+        .await);
+    io.stdin.as_mut().unwrap().write_all(b"\n").await.unwrap();
+    let rest = read_all(&mut out).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("40 120"), "after resize: {text:?}");
+    assert!(text.contains("/dev/pts/"), "not a terminal: {text:?}");
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
+
+    // A process without a console cannot be resized.
+    let (pid, _io) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, false, false))
+        .await;
+    let r = conn
+        .call(Request::ResizeConsole(ResizeConsoleRequest {
+            base: base(UVM),
+            process_id: pid,
+            height: 1,
+            width: 1,
+        }))
+        .await;
+    assert_eq!(r.base().result, hresult::E_INVALID_ARG);
+    ok(&conn.call(signal_req(UVM, pid, 9)).await);
+}
+
+#[tokio::test]
+async fn process_list_and_wait_timeout() {
+    let mut gcs = Gcs::start("props").await;
+    let conn = gcs.connect().await;
+    let (a, _) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, false, false))
+        .await;
+    let (b, _) = gcs
+        .exec_uvm(&conn, &["sleep", "1001"], (false, false, false))
+        .await;
+    let r = conn
+        .call(Request::GetProperties(GetPropertiesRequest {
+            base: base(UVM),
+            query: bridge::JsonString(PropertyQuery {
+                property_types: vec!["ProcessList".into()],
+            }),
+        }))
+        .await;
+    ok(&r);
+    let Response::GetProperties(p) = r else {
+        panic!()
+    };
+    let mut pids: Vec<u32> = p
+        .properties
+        .0
+        .process_list
+        .iter()
+        .map(|d| d.process_id)
+        .collect();
+    pids.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(pids, want);
+    assert!(
+        p.properties
+            .0
+            .process_list
+            .iter()
+            .all(|d| d.image_name == "sleep")
+    );
+
+    let r = conn.call(wait_req(UVM, a, 50)).await;
+    assert_eq!(r.base().result, hresult::VM_TIMEOUT);
+    for pid in [a, b] {
+        ok(&conn.call(signal_req(UVM, pid, 9)).await);
+        assert_eq!(wait_exit(&conn, UVM, pid).await, 137);
+    }
+    // A second wait after delivery still tells the truth.
+    assert_eq!(wait_exit(&conn, UVM, a).await, 137);
+}
+
+#[tokio::test]
+async fn missing_command_is_a_clear_error_and_the_agent_keeps_serving() {
+    let mut gcs = Gcs::start("nocmd").await;
+    let conn = gcs.connect().await;
+    let params = ProcessParameters {
+        command_args: vec!["no-such-command-xyz".into()],
+        ..Default::default()
+    };
+    let (r, _) = gcs.exec_raw(&conn, UVM, params, (false, true, false)).await;
+    assert_ne!(r.base().result, 0);
+    let msg = r.base().message();
+    assert!(
+        msg.contains("no-such-command-xyz") && msg.contains("No such file"),
+        "{msg}"
+    );
+    let (pid, _) = gcs.exec_uvm(&conn, &["true"], (false, false, false)).await;
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
+}

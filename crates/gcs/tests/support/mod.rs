@@ -1,0 +1,512 @@
+//! A scripted host for driving a real `ferry-gcs` process over the hybrid-vsock transport.
+//!
+//! It is deliberately small and literal (it builds frames itself and can send raw bytes), so
+//! tests can misbehave on purpose; ferry's real host side lives in its own crate.
+
+#![allow(dead_code)]
+
+use bridge::io::{ReadError, read_frame};
+use bridge::message::*;
+use bridge::{BRIDGE_PORT, FIRST_STDIO_PORT, UVM_CONTAINER_ID};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use transport::{BoxStream, Listener, Side, Transport};
+
+/// Safety bound on anything a test waits for; a hang fails the test instead of blocking CI.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {PATIENCE:?} waiting for {what}"))
+}
+
+/// Prints the loud skip line and returns true when the test cannot run here.
+pub fn skip_unless_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return false;
+    }
+    eprintln!("skipped: {test} needs root (namespaces, mounts)");
+    true
+}
+
+pub fn busybox() -> Option<PathBuf> {
+    ["/usr/bin/busybox", "/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+pub fn skip_unless_busybox(test: &str) -> bool {
+    if busybox().is_some() {
+        return false;
+    }
+    eprintln!("skipped: {test} needs busybox (apt-get install busybox-static)");
+    true
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A directory removed on drop; short paths (Unix socket names are limited to 108 bytes).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = PathBuf::from(format!("/tmp/fg-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Container rootfs dirs may still hold a bind mount if a test failed mid-way.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds a busybox root filesystem under `dir/rootfs`.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let bb = busybox().expect("busybox");
+    std::fs::copy(&bb, root.join("bin/busybox")).unwrap();
+    let list = Command::new(&bb).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+    }
+    root
+}
+
+/// An OCI spec running `args` in a busybox rootfs with pid/mount/uts/ipc namespaces.
+pub fn container_spec(rootfs: &Path, args: &[&str], terminal: bool) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "TERM=xterm"],
+            "cwd": "/"
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": "ferrybox",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "uts"}, {"type": "ipc"}]
+        }
+    })
+}
+
+pub fn base(container: &str) -> RequestBase {
+    RequestBase::for_container(container)
+}
+
+/// A process's stdio streams, as the host accepted them.
+#[derive(Default)]
+pub struct ProcStdio {
+    pub stdin: Option<BoxStream>,
+    pub stdout: Option<BoxStream>,
+    pub stderr: Option<BoxStream>,
+}
+
+pub async fn read_all(s: &mut BoxStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    within("end of output", s.read_to_end(&mut v))
+        .await
+        .unwrap();
+    v
+}
+
+/// One bridge connection from the agent.
+pub struct Conn {
+    writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    /// Responses for ids nobody registered (e.g. sticky answers to an earlier connection's
+    /// requests).
+    pub strays: Arc<Mutex<Vec<(u64, Response)>>>,
+    pub notifications: tokio::sync::Mutex<mpsc::UnboundedReceiver<ContainerNotification>>,
+    /// Resolves when the agent closed the connection; carries the reason.
+    pub closed: tokio::sync::Mutex<oneshot::Receiver<String>>,
+    next_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    fn new(stream: BoxStream, first_id: u64) -> Conn {
+        let (mut r, w) = tokio::io::split(stream);
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Default::default();
+        let strays: Arc<Mutex<Vec<(u64, Response)>>> = Default::default();
+        let (ntx, nrx) = mpsc::unbounded_channel();
+        let (ctx, crx) = oneshot::channel();
+        let (p2, s2) = (pending.clone(), strays.clone());
+        let reader = tokio::spawn(async move {
+            let reason = loop {
+                match read_frame(&mut r, 16 * 1024 * 1024).await {
+                    Ok(f) => match Message::from_frame(&f) {
+                        Ok(Message::Response(resp)) => {
+                            let waiter = p2.lock().unwrap().remove(&f.id);
+                            match waiter {
+                                Some(tx) => {
+                                    let _ = tx.send(resp);
+                                }
+                                None => s2.lock().unwrap().push((f.id, resp)),
+                            }
+                        }
+                        Ok(Message::Notification(n)) => {
+                            let _ = ntx.send(n);
+                        }
+                        Ok(Message::Request(r)) => panic!("agent sent a request: {r:?}"),
+                        Err(e) => panic!("agent sent an undecodable frame: {e}"),
+                    },
+                    Err(ReadError::Closed) => break "closed".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let _ = ctx.send(reason);
+        });
+        Conn {
+            writer: tokio::sync::Mutex::new(w),
+            pending,
+            strays,
+            notifications: tokio::sync::Mutex::new(nrx),
+            closed: tokio::sync::Mutex::new(crx),
+            next_id: AtomicU64::new(first_id),
+            reader,
+        }
+    }
+
+    pub fn alloc_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub async fn send_bytes(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = self.writer.lock().await;
+        w.write_all(bytes).await?;
+        w.flush().await
+    }
+
+    /// Registers interest in the response to `id` without sending anything (as a restored
+    /// host adopts an outstanding wait).
+    pub fn expect(&self, id: u64) -> oneshot::Receiver<Response> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(id, tx);
+        rx
+    }
+
+    /// Sends a request under a fresh id; returns a receiver for its response.
+    pub async fn send(&self, req: &Request) -> (u64, oneshot::Receiver<Response>) {
+        let id = self.alloc_id();
+        let rx = self.expect(id);
+        let bytes = req.to_frame(id).unwrap().encode(u32::MAX).unwrap();
+        self.send_bytes(&bytes).await.expect("send request");
+        (id, rx)
+    }
+
+    pub async fn call(&self, req: Request) -> Response {
+        let what = format!("response to {}", req.rpc().name());
+        let (_, rx) = self.send(&req).await;
+        within(&what, rx)
+            .await
+            .expect("connection closed before the response")
+    }
+
+    /// Sends a raw frame with a fresh id and waits for its response.
+    pub async fn call_raw(&self, raw_type: u32, body: &[u8]) -> Response {
+        let id = self.alloc_id();
+        let rx = self.expect(id);
+        let mut v = bridge::Header {
+            raw_type,
+            size: (16 + body.len()) as u32,
+            id,
+        }
+        .encode()
+        .to_vec();
+        v.extend_from_slice(body);
+        self.send_bytes(&v).await.unwrap();
+        within("response to a raw frame", rx)
+            .await
+            .expect("response")
+    }
+
+    pub async fn negotiate(&self) -> NegotiateProtocolResponse {
+        match self
+            .call(Request::NegotiateProtocol(NegotiateProtocolRequest {
+                base: RequestBase::default(),
+                minimum_version: 4,
+                maximum_version: 4,
+            }))
+            .await
+        {
+            Response::NegotiateProtocol(r) => {
+                assert_eq!(r.base.result, 0, "negotiation failed: {}", r.base.message());
+                r
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    pub async fn next_notification(&self) -> ContainerNotification {
+        within(
+            "a container notification",
+            self.notifications.lock().await.recv(),
+        )
+        .await
+        .expect("connection closed")
+    }
+
+    pub async fn wait_closed(&self) -> String {
+        within(
+            "the agent to close the bridge",
+            &mut *self.closed.lock().await,
+        )
+        .await
+        .unwrap_or_default()
+    }
+}
+
+pub fn ok(r: &Response) {
+    assert_eq!(
+        r.base().result,
+        0,
+        "{:?} failed: {} ({})",
+        r.rpc(),
+        r.base().message(),
+        bridge::hresult::describe(r.base().result)
+    );
+}
+
+/// A running `ferry-gcs` and the host end of its transport.
+pub struct Gcs {
+    pub dir: TempDir,
+    pub transport: Transport,
+    bridge: Listener,
+    pub child: Child,
+    next_port: AtomicU32,
+    next_first_id: AtomicU64,
+}
+
+impl Drop for Gcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            if let Ok(log) = std::fs::read_to_string(self.dir.0.join("gcs.log")) {
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("--- ferry-gcs log (last lines) ---");
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Gcs {
+    pub async fn start(tag: &str) -> Gcs {
+        Self::start_with(tag, &[]).await
+    }
+
+    pub async fn start_with(tag: &str, extra: &[&str]) -> Gcs {
+        let dir = TempDir::new(tag);
+        let base = dir.0.join("vm.sock");
+        let transport = Transport::hybrid_vsock(&base, Side::Host);
+        let bridge = transport
+            .listen(BRIDGE_PORT)
+            .await
+            .expect("listen on bridge port");
+        let child = Command::new(env!("CARGO_BIN_EXE_ferry-gcs"))
+            .arg("--transport=hybrid-vsock")
+            .arg("--base")
+            .arg(&base)
+            .arg("--state-dir")
+            .arg(dir.0.join("state"))
+            .arg("--log-file")
+            .arg(dir.0.join("gcs.log"))
+            .arg("--log-level=debug")
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start ferry-gcs");
+        Gcs {
+            dir,
+            transport,
+            bridge,
+            child,
+            next_port: AtomicU32::new(FIRST_STDIO_PORT),
+            next_first_id: AtomicU64::new(0),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Accepts the agent's next bridge connection (not yet negotiated).
+    pub async fn accept(&mut self) -> Conn {
+        let s = within("the agent to dial the bridge", self.bridge.accept())
+            .await
+            .expect("accept bridge");
+        // Ids keep rising across connections, as a restored host seeds them.
+        let first = self.next_first_id.fetch_add(1_000_000, Ordering::Relaxed);
+        Conn::new(s, first)
+    }
+
+    /// Accepts and negotiates.
+    pub async fn connect(&mut self) -> Conn {
+        let c = self.accept().await;
+        c.negotiate().await;
+        c
+    }
+
+    pub fn alloc_port(&self) -> u32 {
+        self.next_port.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends ExecuteProcess with pipes on fresh ports, accepting the agent's stdio dials.
+    pub async fn exec_raw(
+        &self,
+        conn: &Conn,
+        container: &str,
+        params: ProcessParameters,
+        pipes: (bool, bool, bool),
+    ) -> (Response, ProcStdio) {
+        let mut ports = StdioPorts::default();
+        let mut listeners: Vec<(usize, Listener)> = Vec::new();
+        for (i, want) in [pipes.0, pipes.1, pipes.2].into_iter().enumerate() {
+            if want {
+                let port = self.alloc_port();
+                match i {
+                    0 => ports.std_in = port,
+                    1 => ports.std_out = port,
+                    _ => ports.std_err = port,
+                }
+                listeners.push((i, self.transport.listen(port).await.unwrap()));
+            }
+        }
+        let req = Request::ExecuteProcess(ExecuteProcessRequest {
+            base: base(container),
+            settings: ExecuteProcessSettings {
+                process_parameters: bridge::JsonString(params),
+                vsock_stdio_relay_settings: ports,
+            },
+        });
+        let (_, rx) = conn.send(&req).await;
+        let resp = within("ExecuteProcess response", rx)
+            .await
+            .expect("response");
+        let mut stdio = ProcStdio::default();
+        if resp.base().result == 0 {
+            // The agent dials before it spawns, so the connections are already queued.
+            for (i, mut l) in listeners {
+                let s = within("a stdio dial", l.accept()).await.unwrap();
+                match i {
+                    0 => stdio.stdin = Some(s),
+                    1 => stdio.stdout = Some(s),
+                    _ => stdio.stderr = Some(s),
+                }
+            }
+        }
+        (resp, stdio)
+    }
+
+    /// Runs a command in the UVM; panics if it cannot start.
+    pub async fn exec_uvm(
+        &self,
+        conn: &Conn,
+        args: &[&str],
+        pipes: (bool, bool, bool),
+    ) -> (u32, ProcStdio) {
+        let params = ProcessParameters {
+            command_args: args.iter().map(|s| s.to_string()).collect(),
+            create_std_in_pipe: pipes.0,
+            create_std_out_pipe: pipes.1,
+            create_std_err_pipe: pipes.2,
+            ..Default::default()
+        };
+        let (resp, stdio) = self.exec_raw(conn, UVM_CONTAINER_ID, params, pipes).await;
+        ok(&resp);
+        let Response::ExecuteProcess(e) = resp else {
+            panic!()
+        };
+        (e.process_id, stdio)
+    }
+
+    pub async fn create_container(
+        &self,
+        conn: &Conn,
+        id: &str,
+        spec: serde_json::Value,
+    ) -> Response {
+        let spec = serde_json::from_value(spec).expect("valid OCI spec");
+        conn.call(Request::Create(ContainerCreateRequest {
+            base: base(id),
+            container_config: bridge::JsonString(ContainerConfig {
+                schema_version: SchemaVersion { major: 2, minor: 1 },
+                oci_specification: Some(Box::new(spec)),
+                ..Default::default()
+            }),
+            supported_versions: None,
+        }))
+        .await
+    }
+}
+
+pub fn wait_req(container: &str, pid: u32, timeout_in_ms: u32) -> Request {
+    Request::WaitForProcess(WaitForProcessRequest {
+        base: base(container),
+        process_id: pid,
+        timeout_in_ms,
+    })
+}
+
+pub async fn wait_exit(conn: &Conn, container: &str, pid: u32) -> u32 {
+    match conn
+        .call(wait_req(container, pid, bridge::INFINITE_WAIT))
+        .await
+    {
+        Response::WaitForProcess(w) => {
+            assert_eq!(w.base.result, 0, "wait failed: {}", w.base.message());
+            w.exit_code
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+pub fn signal_req(container: &str, pid: u32, signal: i32) -> Request {
+    Request::SignalProcess(SignalProcessRequest {
+        base: base(container),
+        process_id: pid,
+        options: Some(SignalProcessOptions { signal }),
+    })
+}
+
+/// Count of open fds and threads of a process.
+pub fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let count = |d: String| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
+    (
+        count(format!("/proc/{pid}/fd")),
+        count(format!("/proc/{pid}/task")),
+    )
+}
