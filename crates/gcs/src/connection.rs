@@ -59,14 +59,17 @@ pub async fn serve(agent: Arc<Agent>) {
         let mut writer_task =
             tokio::spawn(agent.outbox.clone().run_writer(generation, writer, stop_rx));
         let mut shutdown = agent.shutdown.subscribe();
-        let reason = tokio::select! {
+        let (reason, flush) = tokio::select! {
             r = read_loop(&agent, generation, reader) => r,
-            _ = &mut writer_task => "writing to the host failed".to_string(),
-            _ = shutdown.wait_for(|s| *s) => "utility VM shutting down".to_string(),
+            _ = &mut writer_task => ("writing to the host failed".to_string(), false),
+            _ = shutdown.wait_for(|s| *s) => ("utility VM shutting down".to_string(), true),
         };
-        if *agent.shutdown.borrow() {
-            // Let the shutdown response reach the host before going.
-            let _ = tokio::time::timeout(Duration::from_secs(2), agent.outbox.drained()).await;
+        if flush {
+            // The agent is the one hanging up: let the last answers (an error for the bad
+            // frame, the shutdown response) reach the host first.
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), agent.outbox.drained_for(generation))
+                    .await;
         }
         let _ = stop_tx.send(true);
         let _ = writer_task.await;
@@ -74,8 +77,13 @@ pub async fn serve(agent: Arc<Agent>) {
     }
 }
 
-/// Reads and dispatches frames until the connection ends; returns why it ended.
-async fn read_loop<R: AsyncRead + Unpin>(agent: &Arc<Agent>, generation: u64, mut r: R) -> String {
+/// Reads and dispatches frames until the connection ends; returns why it ended, and whether
+/// the agent itself is hanging up (so answers still queued should be flushed first).
+async fn read_loop<R: AsyncRead + Unpin>(
+    agent: &Arc<Agent>,
+    generation: u64,
+    mut r: R,
+) -> (String, bool) {
     let mut negotiated = false;
     let max = agent.config.max_frame_size;
     loop {
@@ -85,12 +93,12 @@ async fn read_loop<R: AsyncRead + Unpin>(agent: &Arc<Agent>, generation: u64, mu
                 tracing::warn!(error = %e, "bad frame from host");
                 answer_bad_frame(agent, generation, &e);
                 if e.is_stream_fatal() {
-                    return format!("unrecoverable frame error: {e}");
+                    return (format!("unrecoverable frame error: {e}"), true);
                 }
                 continue;
             }
-            Err(ReadError::Closed) => return "closed by host".into(),
-            Err(e) => return e.to_string(),
+            Err(ReadError::Closed) => return ("closed by host".into(), false),
+            Err(e) => return (e.to_string(), false),
         };
         let Identifier::Request(rpc) = frame.ident else {
             tracing::warn!(ident = %frame.ident, id = frame.id, "the host sent a non-request; ignored");

@@ -46,17 +46,17 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     changed: Notify,
-    /// Woken whenever a write leaves the queue empty.
+    /// Woken after every write.
     idle: Notify,
 }
 
 impl Outbox {
     pub fn push(&self, item: Item) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if inner.queue.len() >= MAX_QUEUED {
-            if let Some(old) = inner.queue.pop_front() {
-                tracing::error!(what = %old.what, "outbox full ({MAX_QUEUED} items): dropping the oldest");
-            }
+        if inner.queue.len() >= MAX_QUEUED
+            && let Some(old) = inner.queue.pop_front()
+        {
+            tracing::error!(what = %old.what, "outbox full ({MAX_QUEUED} items): dropping the oldest");
         }
         inner.queue.push_back(item);
         drop(inner);
@@ -103,21 +103,23 @@ impl Outbox {
         None
     }
 
-    fn is_empty(&self) -> bool {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue
-            .is_empty()
+    /// True when nothing queued could still go to connection `generation`.
+    fn nothing_for(&self, generation: u64) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let negotiated = inner.negotiated == Some(generation);
+        !inner.queue.iter().any(|i| match i.scope {
+            Scope::Connection(g) => g == generation,
+            Scope::Sticky => negotiated,
+        })
     }
 
-    /// Resolves once everything queued has been written.
-    pub async fn drained(&self) {
+    /// Resolves once everything connection `generation` may send has been written.
+    pub async fn drained_for(&self, generation: u64) {
         loop {
             let idle = self.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if self.is_empty() {
+            if self.nothing_for(generation) {
                 return;
             }
             idle.await;
@@ -163,9 +165,7 @@ impl Outbox {
                     if let Some(done) = item.on_delivered {
                         done();
                     }
-                    if self.is_empty() {
-                        self.idle.notify_waiters();
-                    }
+                    self.idle.notify_waiters();
                 }
                 Err(e) => {
                     tracing::debug!(what = %item.what, error = %e, "write failed");

@@ -49,7 +49,7 @@ pub async fn dispatch(agent: Arc<Agent>, generation: u64, id: u64, request: Requ
         Request::ResizeConsole(r) => resize_console::handle(&agent, r).map(Response::ResizeConsole),
         Request::GetProperties(r) => get_properties::handle(&agent, r).map(Response::GetProperties),
         Request::ModifySettings(r) => modify_settings::handle(&r).map(Response::ModifySettings),
-        Request::DumpStacks(_) => Ok(dump_stacks::handle(&agent)).map(Response::DumpStacks),
+        Request::DumpStacks(_) => Ok(Response::DumpStacks(dump_stacks::handle(&agent))),
         Request::DeleteContainerState(r) => {
             delete_state::handle(&agent, r).map(Response::DeleteContainerState)
         }

@@ -533,7 +533,7 @@ unsafe fn setup_container(c: &NewContainer, err_fd: RawFd) {
             check!(
                 err_fd,
                 Stage::Hostname,
-                libc::sethostname(h.as_ptr(), libc::strlen(h.as_ptr()))
+                libc::sethostname(h.as_ptr(), h.count_bytes())
             );
         }
     }

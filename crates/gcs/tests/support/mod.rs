@@ -5,7 +5,6 @@
 
 #![allow(dead_code)]
 
-use bridge::io::{ReadError, read_frame};
 use bridge::message::*;
 use bridge::{BRIDGE_PORT, FIRST_STDIO_PORT, UVM_CONTAINER_ID};
 use std::collections::HashMap;
@@ -133,10 +132,41 @@ pub async fn read_all(s: &mut BoxStream) -> Vec<u8> {
     v
 }
 
+type RawAnswer = (u32, Vec<u8>);
+
+/// A response as the agent sent it: decoding is checked when it is awaited.
+pub struct ResponseRx(oneshot::Receiver<RawAnswer>);
+
+impl std::future::Future for ResponseRx {
+    type Output = Result<Response, oneshot::error::RecvError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map(|(t, body)| decode_response(t, &body)))
+    }
+}
+
+fn decode_response(raw_type: u32, body: &[u8]) -> Response {
+    let ident = bridge::Identifier::from_u32(raw_type)
+        .unwrap_or_else(|_| panic!("unexpected frame type {raw_type:#x}"));
+    let frame = bridge::Frame {
+        ident,
+        id: 0,
+        body: body.to_vec(),
+    };
+    match Message::from_frame(&frame) {
+        Ok(Message::Response(r)) => r,
+        other => panic!("not a response: {other:?}"),
+    }
+}
+
 /// One bridge connection from the agent.
 pub struct Conn {
     writer: tokio::sync::Mutex<WriteHalf<BoxStream>>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<RawAnswer>>>>,
     /// Responses for ids nobody registered (e.g. sticky answers to an earlier connection's
     /// requests).
     pub strays: Arc<Mutex<Vec<(u64, Response)>>>,
@@ -156,32 +186,43 @@ impl Drop for Conn {
 impl Conn {
     fn new(stream: BoxStream, first_id: u64) -> Conn {
         let (mut r, w) = tokio::io::split(stream);
-        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>> = Default::default();
+        let pending: Arc<Mutex<HashMap<u64, oneshot::Sender<RawAnswer>>>> = Default::default();
         let strays: Arc<Mutex<Vec<(u64, Response)>>> = Default::default();
         let (ntx, nrx) = mpsc::unbounded_channel();
         let (ctx, crx) = oneshot::channel();
         let (p2, s2) = (pending.clone(), strays.clone());
         let reader = tokio::spawn(async move {
+            // Read at the header level: answers to deliberately unknown types must reach
+            // the test too.
             let reason = loop {
-                match read_frame(&mut r, 16 * 1024 * 1024).await {
-                    Ok(f) => match Message::from_frame(&f) {
-                        Ok(Message::Response(resp)) => {
-                            let waiter = p2.lock().unwrap().remove(&f.id);
-                            match waiter {
-                                Some(tx) => {
-                                    let _ = tx.send(resp);
-                                }
-                                None => s2.lock().unwrap().push((f.id, resp)),
-                            }
-                        }
-                        Ok(Message::Notification(n)) => {
-                            let _ = ntx.send(n);
-                        }
-                        Ok(Message::Request(r)) => panic!("agent sent a request: {r:?}"),
-                        Err(e) => panic!("agent sent an undecodable frame: {e}"),
-                    },
-                    Err(ReadError::Closed) => break "closed".to_string(),
-                    Err(e) => break e.to_string(),
+                let mut head = [0u8; 16];
+                if let Err(e) = r.read_exact(&mut head).await {
+                    break e.to_string();
+                }
+                let h = bridge::Header::decode(&head);
+                assert!(
+                    h.body_len() <= 16 * 1024 * 1024,
+                    "agent sent a {} byte frame",
+                    h.size
+                );
+                let mut body = vec![0u8; h.body_len()];
+                if let Err(e) = r.read_exact(&mut body).await {
+                    break e.to_string();
+                }
+                if h.raw_type == bridge::Identifier::CONTAINER_NOTIFICATION.to_u32() {
+                    let n = serde_json::from_slice(&body).expect("notification decodes");
+                    let _ = ntx.send(n);
+                    continue;
+                }
+                let waiter = p2.lock().unwrap().remove(&h.id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send((h.raw_type, body));
+                    }
+                    None => s2
+                        .lock()
+                        .unwrap()
+                        .push((h.id, decode_response(h.raw_type, &body))),
                 }
             };
             let _ = ctx.send(reason);
@@ -209,14 +250,14 @@ impl Conn {
 
     /// Registers interest in the response to `id` without sending anything (as a restored
     /// host adopts an outstanding wait).
-    pub fn expect(&self, id: u64) -> oneshot::Receiver<Response> {
+    pub fn expect(&self, id: u64) -> ResponseRx {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
-        rx
+        ResponseRx(rx)
     }
 
     /// Sends a request under a fresh id; returns a receiver for its response.
-    pub async fn send(&self, req: &Request) -> (u64, oneshot::Receiver<Response>) {
+    pub async fn send(&self, req: &Request) -> (u64, ResponseRx) {
         let id = self.alloc_id();
         let rx = self.expect(id);
         let bytes = req.to_frame(id).unwrap().encode(u32::MAX).unwrap();
@@ -232,8 +273,9 @@ impl Conn {
             .expect("connection closed before the response")
     }
 
-    /// Sends a raw frame with a fresh id and waits for its response.
-    pub async fn call_raw(&self, raw_type: u32, body: &[u8]) -> Response {
+    /// Sends a raw frame with a fresh id and waits for its response (its raw type and common
+    /// fields).
+    pub async fn call_raw(&self, raw_type: u32, body: &[u8]) -> (u32, ResponseBase) {
         let id = self.alloc_id();
         let rx = self.expect(id);
         let mut v = bridge::Header {
@@ -245,9 +287,10 @@ impl Conn {
         .to_vec();
         v.extend_from_slice(body);
         self.send_bytes(&v).await.unwrap();
-        within("response to a raw frame", rx)
+        let (t, body) = within("response to a raw frame", rx.0)
             .await
-            .expect("response")
+            .expect("response");
+        (t, serde_json::from_slice(&body).expect("response body"))
     }
 
     pub async fn negotiate(&self) -> NegotiateProtocolResponse {
@@ -311,13 +354,13 @@ impl Drop for Gcs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            if let Ok(log) = std::fs::read_to_string(self.dir.0.join("gcs.log")) {
-                let tail: Vec<&str> = log.lines().rev().take(60).collect();
-                eprintln!("--- ferry-gcs log (last lines) ---");
-                for l in tail.into_iter().rev() {
-                    eprintln!("{l}");
-                }
+        if std::thread::panicking()
+            && let Ok(log) = std::fs::read_to_string(self.dir.0.join("gcs.log"))
+        {
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- ferry-gcs log (last lines) ---");
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
             }
         }
     }
