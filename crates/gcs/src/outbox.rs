@@ -178,3 +178,68 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn item(tag: &str, scope: Scope) -> Item {
+        Item {
+            bytes: tag.as_bytes().to_vec(),
+            what: tag.to_string(),
+            scope,
+            on_delivered: None,
+        }
+    }
+
+    /// Runs a writer for `generation` until it has written `want` bytes; returns them.
+    async fn written_by(outbox: &Arc<Outbox>, generation: u64, want: usize) -> Vec<u8> {
+        let (w, mut r) = tokio::io::duplex(1024);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let writer = tokio::spawn(outbox.clone().run_writer(generation, w, stop_rx));
+        let mut got = vec![0u8; want];
+        r.read_exact(&mut got).await.unwrap();
+        stop_tx.send(true).unwrap();
+        writer.await.unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn responses_for_closed_connections_are_dropped_and_sticky_items_wait_for_negotiation() {
+        let outbox = Arc::new(Outbox::default());
+        outbox.push(item("old-response;", Scope::Connection(1)));
+        outbox.push(item("wait-answer;", Scope::Sticky));
+        outbox.push(item("negotiate-answer;", Scope::Connection(2)));
+        // Connection 2 is not negotiated yet: only its own response may go.
+        assert_eq!(written_by(&outbox, 2, 17).await, b"negotiate-answer;");
+        assert_eq!(outbox.pending_sticky(), 1);
+        outbox.set_negotiated(2);
+        assert_eq!(written_by(&outbox, 2, 12).await, b"wait-answer;");
+        // The stale response never went anywhere.
+        assert!(outbox.nothing_for(2) && outbox.nothing_for(3));
+        assert_eq!(outbox.inner.lock().unwrap().queue.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sticky_item_whose_write_fails_is_kept_for_the_next_connection() {
+        let outbox = Arc::new(Outbox::default());
+        outbox.set_negotiated(1);
+        let delivered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d2 = delivered.clone();
+        outbox.push(Item {
+            on_delivered: Some(Box::new(move || d2.store(true, std::sync::atomic::Ordering::SeqCst))),
+            ..item("exit-code;", Scope::Sticky)
+        });
+        // A connection whose peer is gone: the write fails.
+        let (w, r) = tokio::io::duplex(4);
+        drop(r);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        outbox.clone().run_writer(1, w, stop_rx).await;
+        assert!(!delivered.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(outbox.pending_sticky(), 1);
+        outbox.set_negotiated(2);
+        assert_eq!(written_by(&outbox, 2, 10).await, b"exit-code;");
+        assert!(delivered.load(std::sync::atomic::Ordering::SeqCst));
+    }
+}

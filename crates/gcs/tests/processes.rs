@@ -223,3 +223,33 @@ async fn missing_command_is_a_clear_error_and_the_agent_keeps_serving() {
     let (pid, _) = gcs.exec_uvm(&conn, &["true"], (false, false, false)).await;
     assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
 }
+
+#[tokio::test]
+async fn dump_stacks_shows_state_and_uvm_shutdown_stops_the_agent() {
+    let mut gcs = Gcs::start("down").await;
+    let conn = gcs.connect().await;
+    let (pid, mut io) = gcs.exec_uvm(&conn, &["sleep", "1000"], (false, true, false)).await;
+    let r = conn
+        .call(Request::DumpStacks(BaseRequest { base: base(UVM) }))
+        .await;
+    ok(&r);
+    let Response::DumpStacks(d) = r else { panic!() };
+    assert!(d.guest_stacks.contains(&format!("process {pid} ")), "{}", d.guest_stacks);
+
+    ok(&conn
+        .call(Request::ShutdownForced(BaseRequest { base: base(UVM) }))
+        .await);
+    // Its processes are killed (their output ends) and the agent exits cleanly.
+    read_all(io.stdout.as_mut().unwrap()).await;
+    conn.wait_closed().await;
+    let status = within("ferry-gcs to exit", async {
+        tokio::task::spawn_blocking(move || {
+            let s = gcs.child.wait();
+            (s, gcs)
+        })
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(status.0.unwrap().success());
+}
