@@ -340,6 +340,23 @@ pub fn ok(r: &Response) {
     );
 }
 
+/// The agent binary: `$FERRY_GCS_BIN`, else the one cargo built for this test or bench, else
+/// the `ferry-gcs` next to the running executable's directory (for examples).
+pub fn gcs_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FERRY_GCS_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = option_env!("CARGO_BIN_EXE_ferry-gcs") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current executable");
+    // target/<profile>/examples/<name> -> target/<profile>/ferry-gcs
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("ferry-gcs"))
+        .expect("a directory above the executable")
+}
+
 /// A running `ferry-gcs` and the host end of its transport.
 pub struct Gcs {
     pub dir: TempDir,
@@ -379,7 +396,7 @@ impl Gcs {
             .listen(BRIDGE_PORT)
             .await
             .expect("listen on bridge port");
-        let child = Command::new(env!("CARGO_BIN_EXE_ferry-gcs"))
+        let child = Command::new(gcs_binary())
             .arg("--transport=hybrid-vsock")
             .arg("--base")
             .arg(&base)
@@ -387,7 +404,10 @@ impl Gcs {
             .arg(dir.0.join("state"))
             .arg("--log-file")
             .arg(dir.0.join("gcs.log"))
-            .arg("--log-level=debug")
+            .arg(format!(
+                "--log-level={}",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "debug".into())
+            ))
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
