@@ -22,7 +22,10 @@ async fn main() {
     println!("== starting ferry-gcs ({})", gcs_binary().display());
     let mut gcs = Gcs::start("demo").await;
     let conn = gcs.connect().await;
-    println!("   connected over hybrid vsock at {}, protocol v4 negotiated", gcs.dir.0.join("vm.sock").display());
+    println!(
+        "   connected over hybrid vsock at {}, protocol v4 negotiated",
+        gcs.dir.0.join("vm.sock").display()
+    );
 
     let in_container = nix::unistd::geteuid().is_root() && busybox().is_some();
     let (target, pid, mut io) = if in_container {
@@ -34,13 +37,19 @@ async fn main() {
             create_std_out_pipe: true,
             ..Default::default()
         };
-        let (resp, io) = gcs.exec_raw(&conn, "demo", params, (false, true, false)).await;
+        let (resp, io) = gcs
+            .exec_raw(&conn, "demo", params, (false, true, false))
+            .await;
         ok(&resp);
-        let Response::ExecuteProcess(e) = resp else { unreachable!() };
+        let Response::ExecuteProcess(e) = resp else {
+            unreachable!()
+        };
         ("demo", e.process_id, io)
     } else {
         println!("== not root or no busybox: running the workload directly in the UVM");
-        let (pid, io) = gcs.exec_uvm(&conn, &["sh", "-c", WORKLOAD], (false, true, false)).await;
+        let (pid, io) = gcs
+            .exec_uvm(&conn, &["sh", "-c", WORKLOAD], (false, true, false))
+            .await;
         (UVM_CONTAINER_ID, pid, io)
     };
     println!("   init process started: pid {pid} (as seen by the agent)");
@@ -71,7 +80,9 @@ async fn main() {
             create_std_out_pipe: true,
             ..Default::default()
         };
-        let (resp, mut eio) = gcs.exec_raw(&conn, "demo", exec, (false, true, false)).await;
+        let (resp, mut eio) = gcs
+            .exec_raw(&conn, "demo", exec, (false, true, false))
+            .await;
         ok(&resp);
         let out = read_all(eio.stdout.as_mut().expect("stdout")).await;
         println!("== exec `ps` inside the container:");
@@ -81,7 +92,9 @@ async fn main() {
     }
 
     // Ask for the exit, then drop the connection: the answer must survive.
-    let (wait_id, _) = conn.send(&wait_req(target, pid, bridge::INFINITE_WAIT)).await;
+    let (wait_id, _) = conn
+        .send(&wait_req(target, pid, bridge::INFINITE_WAIT))
+        .await;
     println!("== WaitForProcess sent as request id {wait_id}; now dropping the host connection");
     drop(conn);
 
@@ -109,7 +122,10 @@ async fn main() {
             base: base(UVM_CONTAINER_ID),
         }))
         .await);
-    println!("== utility VM shut down. Agent log: {}", gcs.dir.0.join("gcs.log").display());
+    println!(
+        "== utility VM shut down. Agent log: {}",
+        gcs.dir.0.join("gcs.log").display()
+    );
     assert_eq!(code, 3, "the workload exits 3");
     println!("demo OK");
 }

@@ -228,7 +228,9 @@ mod tests {
         let delivered = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d2 = delivered.clone();
         outbox.push(Item {
-            on_delivered: Some(Box::new(move || d2.store(true, std::sync::atomic::Ordering::SeqCst))),
+            on_delivered: Some(Box::new(move || {
+                d2.store(true, std::sync::atomic::Ordering::SeqCst)
+            })),
             ..item("exit-code;", Scope::Sticky)
         });
         // A connection whose peer is gone: the write fails.

@@ -228,13 +228,19 @@ async fn missing_command_is_a_clear_error_and_the_agent_keeps_serving() {
 async fn dump_stacks_shows_state_and_uvm_shutdown_stops_the_agent() {
     let mut gcs = Gcs::start("down").await;
     let conn = gcs.connect().await;
-    let (pid, mut io) = gcs.exec_uvm(&conn, &["sleep", "1000"], (false, true, false)).await;
+    let (pid, mut io) = gcs
+        .exec_uvm(&conn, &["sleep", "1000"], (false, true, false))
+        .await;
     let r = conn
         .call(Request::DumpStacks(BaseRequest { base: base(UVM) }))
         .await;
     ok(&r);
     let Response::DumpStacks(d) = r else { panic!() };
-    assert!(d.guest_stacks.contains(&format!("process {pid} ")), "{}", d.guest_stacks);
+    assert!(
+        d.guest_stacks.contains(&format!("process {pid} ")),
+        "{}",
+        d.guest_stacks
+    );
 
     ok(&conn
         .call(Request::ShutdownForced(BaseRequest { base: base(UVM) }))
