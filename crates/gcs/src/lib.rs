@@ -10,6 +10,7 @@ pub mod connection;
 pub mod container;
 pub mod error;
 pub mod handlers;
+pub mod isolate;
 pub mod outbox;
 pub mod process;
 
@@ -25,7 +26,27 @@ pub async fn run(config: Config) -> std::io::Result<()> {
     }
     let agent = Agent::new(config)?;
     let reaper = tokio::spawn(agent.reaper.clone().run());
+    let signals = tokio::spawn(shut_down_on_signals(agent.clone()));
     connection::serve(agent).await;
+    signals.abort();
     reaper.abort();
     Ok(())
+}
+
+/// SIGTERM or SIGINT: kill everything the agent runs and stop, as a VM powering off would.
+async fn shut_down_on_signals(agent: std::sync::Arc<Agent>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("termination signal: stopping every process and shutting down");
+    let _ = agent.shutdown_container(bridge::UVM_CONTAINER_ID, true);
 }

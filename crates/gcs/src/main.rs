@@ -65,6 +65,14 @@ struct Args {
     /// Append logs to this file instead of stderr.
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// Run as the embedded default's utility VM: move into new mount, pid, uts and ipc
+    /// namespaces first and become PID 1 there (needs root). Everything the agent runs dies
+    /// with it.
+    #[arg(long)]
+    isolate: bool,
+    /// Hostname inside the namespaces (--isolate).
+    #[arg(long, default_value = "ferry-uvm")]
+    hostname: String,
 }
 
 fn init_logging(args: &Args) -> std::io::Result<()> {
@@ -92,6 +100,12 @@ fn init_logging(args: &Args) -> std::io::Result<()> {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.isolate
+        && let Err(e) = gcs::isolate::enter_namespaces(&args.hostname)
+    {
+        eprintln!("ferry-gcs: cannot isolate: {e}");
+        return std::process::ExitCode::from(2);
+    }
     if let Err(e) = init_logging(&args) {
         eprintln!("ferry-gcs: cannot open log file: {e}");
         return std::process::ExitCode::from(2);

@@ -259,3 +259,42 @@ async fn dump_stacks_shows_state_and_uvm_shutdown_stops_the_agent() {
     .await;
     assert!(status.0.unwrap().success());
 }
+
+#[tokio::test]
+async fn isolated_agent_is_pid_1_of_its_own_namespaces_and_takes_its_processes_down() {
+    if skip_unless_root("--isolate test") {
+        return;
+    }
+    let mut gcs = Gcs::start_with("iso", &["--isolate", "--hostname=uvm-test"]).await;
+    let conn = gcs.connect().await;
+    let (pid, mut io) = gcs
+        .exec_uvm(
+            &conn,
+            &["sh", "-c", "echo $PPID; hostname; exec sleep 1000"],
+            (false, true, false),
+        )
+        .await;
+    let mut out = io.stdout.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while seen.lines().count() < 2 {
+        let n = within("output", out.read(&mut buf)).await.unwrap();
+        assert!(n > 0);
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(
+        lines,
+        ["1", "uvm-test"],
+        "the agent is PID 1 in the UVM's namespace"
+    );
+    assert!(pid < 100, "pid {pid} is from the UVM's namespace");
+    // SIGTERM to the agent: it stops, and its processes with it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(gcs.pid() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    read_all(&mut out).await;
+    conn.wait_closed().await;
+}
