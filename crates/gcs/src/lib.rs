@@ -6,6 +6,7 @@
 //! waits and exit notifications all stay, and a new host connection picks them up.
 
 pub mod agent;
+pub mod cli;
 pub mod connection;
 pub mod container;
 pub mod error;

@@ -51,6 +51,22 @@ impl HostError {
         }
     }
 
+    /// The guest's own message (or this error's text), without the category prefix: for
+    /// errors shown to people, who do not need the HRESULT.
+    pub fn message(&self) -> String {
+        match self {
+            HostError::NotFound(m)
+            | HostError::ContainerNotFound(m)
+            | HostError::AlreadyExists(m)
+            | HostError::InvalidArgument(m)
+            | HostError::NotImplemented(m)
+            | HostError::Timeout(m)
+            | HostError::UnsupportedVersion(m)
+            | HostError::Guest { message: m, .. } => m.clone(),
+            other => other.to_string(),
+        }
+    }
+
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,

@@ -1,0 +1,210 @@
+//! The command line.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// ferry — containers in lightweight utility VMs, movable while they run.
+///
+/// A UVM is started once (`ferry uvm start NAME`); a host process (the shim) then owns it and
+/// serves a control socket, and every other command talks to that shim. On the embedded default
+/// backend the "VM" is the guest agent in its own namespaces on this host (no hypervisor).
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    propagate_version = true,
+    after_long_help = "\
+Examples:
+  ferry uvm start demo
+  ferry run demo --id web -- sh -c 'echo hello from $(hostname)'
+  ferry run demo -d --id bg -- sh -c 'while true; do date; sleep 1; done'
+  ferry exec demo bg -- ps
+  ferry logs demo bg --follow
+  ferry kill demo bg
+  ferry uvm stop demo
+
+State lives under $FERRY_STATE_DIR (default /run/ferry as root); set it to run several
+independent installations side by side. Logs: <state>/uvms/NAME/{shim,gcs}.log."
+)]
+pub struct Cli {
+    /// State directory (overrides $FERRY_STATE_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Start, stop, list and inspect utility VMs.
+    #[command(subcommand)]
+    Uvm(UvmCommand),
+    /// Create a container in a UVM and run its command (foreground: output streamed, exit code
+    /// propagated; --detach: print the container id and return).
+    Run(RunArgs),
+    /// Run another command in a running container.
+    Exec(ExecArgs),
+    /// List the containers of a UVM, or the processes of one container.
+    Ps {
+        uvm: String,
+        container: Option<String>,
+    },
+    /// Send a signal to a container's init process (or --pid).
+    Kill {
+        uvm: String,
+        container: String,
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Signal name or number (KILL, TERM, INT, HUP, 9, 15, ...).
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+    },
+    /// Attach to a running process's output (and stdin) from now on. Ctrl-C is forwarded to
+    /// the process as SIGINT, as in a foreground run.
+    Attach {
+        uvm: String,
+        container: String,
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Block until a process exits; exit with its exit code.
+    Wait {
+        uvm: String,
+        container: String,
+        #[arg(long)]
+        pid: Option<u32>,
+    },
+    /// Show a process's output captured so far (including while nobody was attached).
+    Logs {
+        uvm: String,
+        container: String,
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Keep following until the process exits.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Delete an exited container (--force: kill it first).
+    Rm {
+        uvm: String,
+        container: String,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// (internal) The per-UVM host process.
+    #[command(hide = true)]
+    Shim {
+        name: String,
+        #[arg(long)]
+        isolate: Option<bool>,
+    },
+    /// (internal) The guest agent, as `ferry-gcs`.
+    #[command(hide = true)]
+    Gcs(gcs::cli::Args),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UvmCommand {
+    /// Start a UVM on the embedded default backend (the guest agent in its own namespaces).
+    Start {
+        name: String,
+        /// Run the agent without namespaces of its own (no root needed; no containers either).
+        #[arg(long)]
+        no_isolate: bool,
+    },
+    /// Stop a UVM: every container and process in it ends.
+    Stop { name: String },
+    /// List UVMs.
+    Ls,
+    /// Show a UVM's properties and containers (JSON).
+    Inspect { name: String },
+    /// Delete a stopped UVM's directory (logs included).
+    Rm { name: String },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProcessArgs {
+    /// Allocate a terminal.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Return at once (print the container id) instead of streaming the output.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// With --detach: keep stdin open for a later `ferry attach` (foreground runs always
+    /// forward stdin).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Environment variable (KEY=VALUE), repeatable.
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    pub uvm: String,
+    /// Container id (default: a random one).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Root filesystem directory on this host.
+    #[arg(long, conflicts_with = "image")]
+    pub rootfs: Option<String>,
+    /// Built-in image (default: busybox, made from the host's busybox-static).
+    #[arg(long)]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    pub uvm: String,
+    pub container: String,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// Parses a signal name or number.
+pub fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("signal {n} is out of range (1-64)"))
+        };
+    }
+    let name = s.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let sig: nix::sys::signal::Signal = format!("SIG{name}")
+        .parse()
+        .map_err(|_| format!("unknown signal {s:?} (try KILL, TERM, INT, HUP or a number)"))?;
+    Ok(sig as i32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals() {
+        assert_eq!(parse_signal("KILL"), Ok(9));
+        assert_eq!(parse_signal("sigterm"), Ok(15));
+        assert_eq!(parse_signal("2"), Ok(2));
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("NOPE").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,208 @@
+//! The CLI side of the control protocol.
+
+use crate::control::{self, Reply, Request, tag};
+use crate::paths::{self, UvmPaths};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+pub type Session = (BufReader<OwnedReadHalf>, OwnedWriteHalf);
+
+/// Sends one request to a UVM's shim; returns the reply data and, for streaming requests, the
+/// connection to stream on.
+pub async fn request(
+    root: &Path,
+    uvm: &str,
+    req: &Request,
+) -> Result<(serde_json::Value, Option<Session>), String> {
+    paths::validate_uvm_name(uvm)?;
+    let control = UvmPaths::new(root, uvm).control();
+    let stream = UnixStream::connect(&control).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            format!("UVM {uvm:?} is not running (start it with `ferry uvm start {uvm}`; state in {})", root.display())
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!("permission denied on {}: the UVM belongs to another user", control.display())
+        }
+        _ => format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()),
+    })?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    control::write_line(&mut w, req)
+        .await
+        .map_err(|e| format!("sending the request to UVM {uvm:?}: {e}"))?;
+    let reply: Reply = control::read_line(&mut r)
+        .await
+        .map_err(|e| format!("UVM {uvm:?} did not answer: {e}"))?;
+    if !reply.ok {
+        return Err(reply.error.unwrap_or_else(|| "unknown error".into()));
+    }
+    let session = req.streams().then_some((r, w));
+    Ok((reply.data, session))
+}
+
+/// Puts the local terminal in raw mode for a `--tty` session; restores it on drop.
+pub struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    pub fn enter() -> RawMode {
+        use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawMode { saved: None };
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                saved,
+            );
+        }
+    }
+}
+
+/// The local terminal's size (rows, columns), if stdout or stdin is a terminal.
+pub fn terminal_size() -> Option<(u16, u16)> {
+    for fd in [std::io::stdout().as_raw_fd(), std::io::stdin().as_raw_fd()] {
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes a winsize into the pointer.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+            return Some((ws.ws_row, ws.ws_col));
+        }
+    }
+    None
+}
+
+pub fn is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
+/// Runs a streaming session: output to our stdout/stderr, our stdin to the process (when
+/// `stdin`), resizes (with `tty`), and SIGINT/SIGTERM forwarded as signals (without `tty`, where
+/// the terminal delivers them as keystrokes instead). Returns the exit code, or None when the
+/// stream ended without one (logs without --follow).
+pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i32>, String> {
+    let (mut r, w) = session;
+    let w = std::sync::Arc::new(tokio::sync::Mutex::new(w));
+    let _raw = (tty && is_terminal()).then(RawMode::enter);
+
+    let mut tasks = Vec::new();
+    if stdin {
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut input = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let n = match input.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if control::write_frame(&mut *w.lock().await, tag::STDIN, &buf[..n])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = control::write_frame(&mut *w.lock().await, tag::STDIN_EOF, &[]).await;
+        }));
+    }
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let w = w.clone();
+        tasks.push(tokio::spawn(async move {
+            let (Ok(mut winch), Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::window_change()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            loop {
+                let (t, payload) = tokio::select! {
+                    _ = winch.recv() => match terminal_size() {
+                        Some((rows, cols)) if tty => {
+                            let mut p = rows.to_le_bytes().to_vec();
+                            p.extend_from_slice(&cols.to_le_bytes());
+                            (tag::RESIZE, p)
+                        }
+                        _ => continue,
+                    },
+                    _ = int.recv() => (tag::SIGNAL, libc::SIGINT.to_le_bytes().to_vec()),
+                    _ = term.recv() => (tag::SIGNAL, libc::SIGTERM.to_le_bytes().to_vec()),
+                };
+                if control::write_frame(&mut *w.lock().await, t, &payload)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }));
+    }
+
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let result = loop {
+        match control::read_frame(&mut r).await {
+            Ok(Some((tag::STDOUT, data))) => {
+                if stdout
+                    .write_all(&data)
+                    .await
+                    .and(stdout.flush().await)
+                    .is_err()
+                {
+                    break Err("stdout closed".to_string());
+                }
+            }
+            Ok(Some((tag::STDERR, data))) => {
+                let _ = stderr.write_all(&data).await;
+                let _ = stderr.flush().await;
+            }
+            Ok(Some((tag::EXIT, data))) if data.len() == 4 => {
+                break Ok(Some(i32::from_le_bytes([
+                    data[0], data[1], data[2], data[3],
+                ])));
+            }
+            Ok(Some((tag::ERROR, data))) => break Err(String::from_utf8_lossy(&data).into_owned()),
+            Ok(Some((t, _))) => break Err(format!("unexpected frame {t} from the shim")),
+            Ok(None) => break Ok(None),
+            Err(e) => break Err(format!("lost the connection to the shim: {e}")),
+        }
+    };
+    for t in tasks {
+        t.abort();
+    }
+    result
+}
+
+/// Waits (without polling) for a process to exit, via a pidfd.
+pub async fn wait_pid_exit(pid: u32, timeout: std::time::Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // Already gone (ESRCH) or no pidfd support.
+        return true;
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the fd is owned by the AsyncFd for its whole life and never closed behind it.
+    let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(owned) }) else {
+        return false;
+    };
+    tokio::time::timeout(timeout, afd.readable()).await.is_ok()
+}

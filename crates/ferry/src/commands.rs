@@ -1,0 +1,403 @@
+//! What each CLI command does.
+
+use crate::cli::{ExecArgs, ProcessArgs, RunArgs, UvmCommand};
+use crate::client;
+use crate::control::{ProcessSpec, Request, Rootfs};
+use crate::paths::{self, UvmPaths};
+use serde_json::Value;
+use std::io::BufRead;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// What a command ends with: an exit code for the CLI.
+pub type Outcome = Result<i32, String>;
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn process_spec(p: &ProcessArgs) -> ProcessSpec {
+    let tty = p.tty;
+    ProcessSpec {
+        args: p.command.clone(),
+        env: p.env.clone(),
+        cwd: p.workdir.clone(),
+        tty,
+        stdin: !p.detach || p.interactive,
+        console: if tty {
+            client::terminal_size().or(Some((24, 80)))
+        } else {
+            None
+        },
+        detach: p.detach,
+    }
+}
+
+async fn run_or_exec(root: &Path, uvm: &str, req: Request, p: &ProcessArgs, json: bool) -> Outcome {
+    let (data, session) = client::request(root, uvm, &req).await?;
+    let Some(session) = session else {
+        if json {
+            print_json(&data);
+        } else {
+            println!("{}", data["container"].as_str().unwrap_or_default());
+        }
+        return Ok(0);
+    };
+    match client::stream(session, true, p.tty).await? {
+        Some(code) => Ok(code),
+        None => Err("the stream ended without an exit code".into()),
+    }
+}
+
+pub async fn run(root: &Path, a: RunArgs, json: bool) -> Outcome {
+    let rootfs = match (a.rootfs, a.image) {
+        (Some(dir), _) => Rootfs::Dir(dir),
+        (None, Some(image)) => Rootfs::Image(image),
+        (None, None) => Rootfs::Image("busybox".into()),
+    };
+    let req = Request::Run {
+        id: a.id,
+        rootfs,
+        process: process_spec(&a.process),
+    };
+    run_or_exec(root, &a.uvm, req, &a.process, json).await
+}
+
+pub async fn exec(root: &Path, a: ExecArgs, json: bool) -> Outcome {
+    let req = Request::Exec {
+        container: a.container,
+        process: process_spec(&a.process),
+    };
+    run_or_exec(root, &a.uvm, req, &a.process, json).await
+}
+
+pub async fn attach(root: &Path, uvm: &str, container: String, pid: Option<u32>) -> Outcome {
+    let (data, session) = client::request(root, uvm, &Request::Attach { container, pid }).await?;
+    let tty = data["tty"].as_bool().unwrap_or(false);
+    let session = session.ok_or("no stream")?;
+    Ok(client::stream(session, true, tty).await?.unwrap_or(0))
+}
+
+pub async fn logs(
+    root: &Path,
+    uvm: &str,
+    container: String,
+    pid: Option<u32>,
+    follow: bool,
+) -> Outcome {
+    let (_, session) = client::request(
+        root,
+        uvm,
+        &Request::Logs {
+            container,
+            pid,
+            follow,
+        },
+    )
+    .await?;
+    client::stream(session.ok_or("no stream")?, false, false).await?;
+    Ok(0)
+}
+
+pub async fn wait(
+    root: &Path,
+    uvm: &str,
+    container: String,
+    pid: Option<u32>,
+    json: bool,
+) -> Outcome {
+    let (data, _) = client::request(root, uvm, &Request::Wait { container, pid }).await?;
+    if json {
+        print_json(&data);
+    }
+    data["exit_code"]
+        .as_i64()
+        .map(|c| c as i32)
+        .ok_or_else(|| "the shim did not report an exit code".into())
+}
+
+pub async fn kill(
+    root: &Path,
+    uvm: &str,
+    container: String,
+    pid: Option<u32>,
+    signal: &str,
+) -> Outcome {
+    let signal = crate::cli::parse_signal(signal)?;
+    client::request(
+        root,
+        uvm,
+        &Request::Kill {
+            container,
+            pid,
+            signal,
+        },
+    )
+    .await?;
+    Ok(0)
+}
+
+pub async fn rm(root: &Path, uvm: &str, container: String, force: bool, json: bool) -> Outcome {
+    let (data, _) = client::request(root, uvm, &Request::Rm { container, force }).await?;
+    if json {
+        print_json(&data);
+    } else {
+        println!("{}", data["removed"].as_str().unwrap_or_default());
+    }
+    Ok(0)
+}
+
+fn command_text(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn exit_text(v: &Value) -> String {
+    v["exit_code"]
+        .as_i64()
+        .map(|c| c.to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+pub async fn ps(root: &Path, uvm: &str, container: Option<String>, json: bool) -> Outcome {
+    let (data, _) = client::request(
+        root,
+        uvm,
+        &Request::Ps {
+            container: container.clone(),
+        },
+    )
+    .await?;
+    if json {
+        print_json(&data);
+        return Ok(0);
+    }
+    if container.is_none() {
+        println!(
+            "{:<16} {:>8} {:<8} {:>5} COMMAND",
+            "CONTAINER", "PID", "STATUS", "EXIT"
+        );
+        for c in data["containers"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:>8} {:<8} {:>5} {}",
+                c["id"].as_str().unwrap_or(""),
+                c["pid"].to_string(),
+                c["status"].as_str().unwrap_or(""),
+                exit_text(c),
+                command_text(&c["command"])
+            );
+        }
+    } else {
+        println!(
+            "{:>8} {:<8} {:>5} {:<4} COMMAND",
+            "PID", "STATUS", "EXIT", "TTY"
+        );
+        for p in data["processes"].as_array().into_iter().flatten() {
+            println!(
+                "{:>8} {:<8} {:>5} {:<4} {}",
+                p["pid"].to_string(),
+                p["status"].as_str().unwrap_or(""),
+                exit_text(p),
+                if p["tty"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                },
+                command_text(&p["command"])
+            );
+        }
+    }
+    Ok(0)
+}
+
+// -- UVMs ------------------------------------------------------------------------------------
+
+pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
+    match cmd {
+        UvmCommand::Start { name, no_isolate } => uvm_start(root, &name, no_isolate, json).await,
+        UvmCommand::Stop { name } => uvm_stop(root, &name, json).await,
+        UvmCommand::Ls => uvm_ls(root, json).await,
+        UvmCommand::Inspect { name } => {
+            let (data, _) = client::request(root, &name, &Request::Info).await?;
+            print_json(&data);
+            Ok(0)
+        }
+        UvmCommand::Rm { name } => {
+            paths::validate_uvm_name(&name)?;
+            if client::request(root, &name, &Request::Info).await.is_ok() {
+                return Err(format!(
+                    "UVM {name:?} is running; stop it first (`ferry uvm stop {name}`)"
+                ));
+            }
+            let dir = UvmPaths::new(root, &name).dir;
+            if !dir.exists() {
+                return Err(format!("no UVM {name:?} in {}", root.display()));
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("remove {}: {e}", dir.display()))?;
+            println!("{name}");
+            Ok(0)
+        }
+    }
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().map(|l| format!("\n  {l}")).collect()
+}
+
+async fn uvm_start(root: &Path, name: &str, no_isolate: bool, json: bool) -> Outcome {
+    paths::validate_uvm_name(name)?;
+    if client::request(root, name, &Request::Info).await.is_ok() {
+        return Err(format!("UVM {name:?} is already running"));
+    }
+    let p = UvmPaths::new(root, name);
+    std::fs::create_dir_all(&p.dir)
+        .map_err(|e| format!("cannot create {}: {e}", p.dir.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p.shim_log())
+        .map_err(|e| format!("cannot open {}: {e}", p.shim_log().display()))?;
+    let (ready_r, ready_w): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("shim").arg(name).env("FERRY_STATE_DIR", root);
+    if no_isolate {
+        cmd.arg("--isolate=false");
+    }
+    let log_err = log.try_clone().map_err(|e| format!("log: {e}"))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    let w = ready_w.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid, dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            // A daemon: its own session, and the readiness pipe on fd 3.
+            libc::setsid();
+            if libc::dup2(w, crate::shim::READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the shim: {e}"))?;
+    drop(ready_w);
+    let shim_pid = child.id();
+    let read = tokio::task::spawn_blocking(move || {
+        // One line: "ok" or "error: ..."; end-of-file without one means the shim died.
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(std::fs::File::from(ready_r)).read_line(&mut line);
+        line
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .map_err(|_| {
+            format!(
+                "UVM {name:?} did not become ready within 60 s; see {}",
+                p.shim_log().display()
+            )
+        })?
+        .unwrap_or_default();
+    let ready = ready.trim();
+    if ready == "ok" {
+        if json {
+            print_json(
+                &serde_json::json!({"name": name, "shim_pid": shim_pid, "state_dir": p.dir}),
+            );
+        } else {
+            println!("{name}");
+        }
+        Ok(0)
+    } else if let Some(e) = ready.strip_prefix("error: ") {
+        Err(format!("UVM {name:?} failed to start: {e}"))
+    } else {
+        Err(format!(
+            "the shim for UVM {name:?} exited during start-up; last lines of {}:{}",
+            p.shim_log().display(),
+            log_tail(&p.shim_log(), 8)
+        ))
+    }
+}
+
+async fn uvm_stop(root: &Path, name: &str, json: bool) -> Outcome {
+    let (info, _) = client::request(root, name, &Request::Info).await?;
+    client::request(root, name, &Request::Stop).await?;
+    if let Some(pid) = info["shim_pid"].as_u64()
+        && !client::wait_pid_exit(pid as u32, Duration::from_secs(15)).await
+    {
+        return Err(format!(
+            "UVM {name:?} stopped but its shim (pid {pid}) is still running"
+        ));
+    }
+    if json {
+        print_json(&serde_json::json!({"stopped": name}));
+    } else {
+        println!("{name}");
+    }
+    Ok(0)
+}
+
+async fn uvm_ls(root: &Path, json: bool) -> Outcome {
+    let mut names: Vec<String> = std::fs::read_dir(paths::uvms_dir(root))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    let mut rows = Vec::new();
+    for name in names {
+        let info = client::request(root, &name, &Request::Info)
+            .await
+            .ok()
+            .map(|(d, _)| d);
+        rows.push(match info {
+            Some(d) => serde_json::json!({
+                "name": name,
+                "status": if d["uvm"]["paused"].as_bool() == Some(true) { "paused" } else { "running" },
+                "backend": d["uvm"]["backend"],
+                "pid": d["uvm"]["pid"],
+                "containers": d["containers"].as_array().map(|a| a.len()).unwrap_or(0),
+            }),
+            None => serde_json::json!({"name": name, "status": "stopped", "backend": "local", "pid": null, "containers": 0}),
+        });
+    }
+    if json {
+        print_json(&Value::Array(rows));
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<8} {:<8} {:>8} {:>10}",
+        "NAME", "STATUS", "BACKEND", "PID", "CONTAINERS"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<8} {:<8} {:>8} {:>10}",
+            r["name"].as_str().unwrap_or(""),
+            r["status"].as_str().unwrap_or(""),
+            r["backend"].as_str().unwrap_or(""),
+            r["pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r["containers"].to_string()
+        );
+    }
+    Ok(0)
+}

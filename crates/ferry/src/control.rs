@@ -1,0 +1,246 @@
+//! The control protocol between the `ferry` CLI and a UVM's shim, over the shim's Unix
+//! socket.
+//!
+//! A client sends one JSON line (a [`Request`]) and reads one JSON line (a [`Reply`]). For
+//! requests that stream (a foreground run, exec, attach, logs, wait), both sides then switch to
+//! small binary frames: `[tag: u8][len: u32 LE][payload]`, payloads at most [`MAX_PAYLOAD`].
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
+
+/// Largest request or reply line.
+pub const MAX_LINE: usize = 1 << 20;
+/// Largest frame payload.
+pub const MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Rootfs {
+    /// A directory on the host.
+    Dir(String),
+    /// A built-in image (`busybox`).
+    Image(String),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub tty: bool,
+    /// Give the process a stdin pipe.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Initial console size (rows, columns) for a terminal.
+    #[serde(default)]
+    pub console: Option<(u16, u16)>,
+    /// Return once started instead of streaming.
+    #[serde(default)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The UVM's properties and containers.
+    Info,
+    /// Stop the UVM and the shim.
+    Stop,
+    /// Create a container and start its init process.
+    Run {
+        id: Option<String>,
+        rootfs: Rootfs,
+        process: ProcessSpec,
+    },
+    /// Start another process in a running container.
+    Exec {
+        container: String,
+        process: ProcessSpec,
+    },
+    /// Stream a process's output (and feed its stdin) from now on.
+    Attach { container: String, pid: Option<u32> },
+    /// Containers, or the processes of one container.
+    Ps { container: Option<String> },
+    Kill {
+        container: String,
+        pid: Option<u32>,
+        signal: i32,
+    },
+    /// Block until the process exits; the reply carries the exit code.
+    Wait { container: String, pid: Option<u32> },
+    /// Output captured so far (and, with `follow`, until the process exits).
+    Logs {
+        container: String,
+        pid: Option<u32>,
+        follow: bool,
+    },
+    /// Delete an exited container (with `force`, kill it first).
+    Rm { container: String, force: bool },
+}
+
+impl Request {
+    /// Whether frames follow a successful reply.
+    pub fn streams(&self) -> bool {
+        match self {
+            Request::Run { process, .. } | Request::Exec { process, .. } => !process.detach,
+            Request::Attach { .. } | Request::Logs { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+impl Reply {
+    pub fn ok(data: serde_json::Value) -> Reply {
+        Reply {
+            ok: true,
+            error: None,
+            data,
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Reply {
+        Reply {
+            ok: false,
+            error: Some(message.into()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Frame tags. Shim → client: output, exit, error. Client → shim: input, resize, signal.
+pub mod tag {
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    /// Payload: the exit code, i32 LE. The last frame of a stream.
+    pub const EXIT: u8 = 3;
+    /// Payload: UTF-8 text. The last frame of a stream.
+    pub const ERROR: u8 = 4;
+    pub const STDIN: u8 = 16;
+    pub const STDIN_EOF: u8 = 17;
+    /// Payload: rows u16 LE, columns u16 LE.
+    pub const RESIZE: u8 = 18;
+    /// Payload: signal number, i32 LE.
+    pub const SIGNAL: u8 = 19;
+}
+
+pub async fn write_line<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    value: &T,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    w.flush().await
+}
+
+/// Reads one JSON line, bounded by [`MAX_LINE`].
+pub async fn read_line<R: AsyncBufRead + Unpin, T: serde::de::DeserializeOwned>(
+    r: &mut R,
+) -> std::io::Result<T> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed",
+        ));
+    }
+    if buf.last() != Some(&b'\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control message longer than {MAX_LINE} bytes or truncated"),
+        ));
+    }
+    serde_json::from_slice(&buf)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    tag: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    debug_assert!(payload.len() <= MAX_PAYLOAD);
+    let mut head = [0u8; 5];
+    head[0] = tag;
+    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    w.write_all(&head).await?;
+    w.write_all(payload).await
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("control frame of {len} bytes exceeds {MAX_PAYLOAD}"),
+        ));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    Ok(Some((head[0], payload)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_and_frames_round_trip_and_are_bounded() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut b = tokio::io::BufReader::new(b);
+        let req = Request::Kill {
+            container: "web".into(),
+            pid: Some(7),
+            signal: 15,
+        };
+        write_line(&mut a, &req).await.unwrap();
+        write_frame(&mut a, tag::STDOUT, b"hello").await.unwrap();
+        let back: Request = read_line(&mut b).await.unwrap();
+        assert!(matches!(
+            back,
+            Request::Kill {
+                pid: Some(7),
+                signal: 15,
+                ..
+            }
+        ));
+        assert_eq!(
+            read_frame(&mut b).await.unwrap(),
+            Some((tag::STDOUT, b"hello".to_vec()))
+        );
+        // An oversized frame header is refused before allocating.
+        a.write_all(&[tag::STDIN, 0xff, 0xff, 0xff, 0x7f])
+            .await
+            .unwrap();
+        assert!(read_frame(&mut b).await.is_err());
+        drop(a);
+        assert_eq!(read_frame(&mut b).await.unwrap(), None);
+    }
+}

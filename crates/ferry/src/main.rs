@@ -1,0 +1,104 @@
+mod cli;
+mod client;
+mod commands;
+mod control;
+mod paths;
+mod shim;
+mod spec;
+
+use clap::Parser;
+use cli::{Cli, Command};
+use std::process::ExitCode;
+
+/// The exit code of ferry's own failures (as docker uses 125), distinct from the exit codes of
+/// the processes ferry runs.
+const FERRY_FAILED: u8 = 125;
+
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The agent starts before any runtime or thread exists (it may fork into namespaces).
+    let cli = match cli.command {
+        Command::Gcs(args) => return gcs::cli::main(args),
+        _ => cli,
+    };
+    let root = cli.state_dir.clone().unwrap_or_else(paths::state_root);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::from(FERRY_FAILED);
+        }
+    };
+    let json = cli.json;
+    let outcome = runtime.block_on(async move {
+        match cli.command {
+            Command::Shim { name, isolate } => {
+                init_logging("info");
+                Ok(shim::run(&name, root, isolate).await)
+            }
+            other => {
+                init_logging("warn");
+                dispatch(&root, other, json).await
+            }
+        }
+    });
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            FERRY_FAILED as i32
+        }
+    };
+    // Exit now: a blocked read of our stdin must not keep the process alive.
+    std::process::exit(code)
+}
+
+async fn dispatch(root: &std::path::Path, command: Command, json: bool) -> commands::Outcome {
+    match command {
+        Command::Uvm(c) => commands::uvm(root, c, json).await,
+        Command::Run(a) => commands::run(root, a, json).await,
+        Command::Exec(a) => commands::exec(root, a, json).await,
+        Command::Ps { uvm, container } => commands::ps(root, &uvm, container, json).await,
+        Command::Kill {
+            uvm,
+            container,
+            pid,
+            signal,
+        } => commands::kill(root, &uvm, container, pid, &signal).await,
+        Command::Attach {
+            uvm,
+            container,
+            pid,
+        } => commands::attach(root, &uvm, container, pid).await,
+        Command::Wait {
+            uvm,
+            container,
+            pid,
+        } => commands::wait(root, &uvm, container, pid, json).await,
+        Command::Logs {
+            uvm,
+            container,
+            pid,
+            follow,
+        } => commands::logs(root, &uvm, container, pid, follow).await,
+        Command::Rm {
+            uvm,
+            container,
+            force,
+        } => commands::rm(root, &uvm, container, force, json).await,
+        Command::Shim { .. } | Command::Gcs(_) => unreachable!("handled in main"),
+    }
+}

@@ -1,0 +1,156 @@
+//! The per-UVM host process ("the shim"): owns the UVM, the guest connection and the relays,
+//! and serves the control socket the CLI talks to.
+
+mod ops;
+pub mod output;
+pub mod state;
+mod stream;
+
+use crate::control::{self, Reply, Request};
+use crate::paths::UvmPaths;
+use host::GuestConnection;
+use state::ContainerRec;
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::io::BufReader;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use uvm::{LocalConfig, LocalUvm, UtilityVm};
+
+/// The file descriptor on which `ferry uvm start` waits for "ok" or an error.
+pub const READY_FD: i32 = 3;
+
+pub struct Shim {
+    pub name: String,
+    pub root: PathBuf,
+    pub paths: UvmPaths,
+    pub conn: GuestConnection,
+    pub uvm: tokio::sync::Mutex<LocalUvm>,
+    pub containers: Mutex<BTreeMap<String, ContainerRec>>,
+    /// Container ids being created right now (so two runs cannot race for one id).
+    pub creating: Mutex<HashSet<String>>,
+    /// Set when a Stop request begins: losing the guest is then expected.
+    pub stopping: std::sync::atomic::AtomicBool,
+    /// Set when the Stop request has been answered: the shim may exit.
+    pub stop: watch::Sender<bool>,
+}
+
+fn report_ready(message: &str) {
+    // SAFETY: fd 3 was set up by `ferry uvm start`; when absent the write fails harmlessly.
+    let mut f = unsafe { std::fs::File::from_raw_fd(READY_FD) };
+    let _ = writeln!(f, "{message}");
+}
+
+/// Runs the shim until the UVM stops.
+pub async fn run(name: &str, root: PathBuf, isolate: Option<bool>) -> i32 {
+    // Only the shim may hold the readiness pipe: the agent it starts must not inherit it, or
+    // `ferry uvm start` would wait for the agent to exit.
+    // SAFETY: F_SETFD on a descriptor number; harmless if fd 3 is not open.
+    unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let paths = UvmPaths::new(&root, name);
+    let result = serve(name, root, paths.clone(), isolate).await;
+    let _ = std::fs::remove_file(paths.control());
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!(error = %e, "shim failed");
+            report_ready(&format!("error: {e}"));
+            1
+        }
+    }
+}
+
+async fn serve(
+    name: &str,
+    root: PathBuf,
+    paths: UvmPaths,
+    isolate: Option<bool>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
+    let _ = std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700));
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?;
+    let mut config = LocalConfig::new(name, paths.dir.clone(), exe, vec!["gcs".into()]);
+    if let Some(i) = isolate {
+        config.isolate = i;
+    }
+    if let Ok(level) = std::env::var("FERRY_GCS_LOG") {
+        config.gcs_log_level = level;
+    }
+    let mut uvm = LocalUvm::new(config);
+    let conn = uvm.start().await.map_err(|e| e.to_string())?;
+
+    let control = paths.control();
+    let _ = std::fs::remove_file(&control);
+    let listener =
+        UnixListener::bind(&control).map_err(|e| format!("bind {}: {e}", control.display()))?;
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", control.display()))?;
+
+    let shim = Arc::new(Shim {
+        name: name.to_string(),
+        root,
+        paths,
+        conn,
+        uvm: tokio::sync::Mutex::new(uvm),
+        containers: Mutex::new(BTreeMap::new()),
+        creating: Mutex::new(HashSet::new()),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+        stop: watch::channel(false).0,
+    });
+    tracing::info!(uvm = name, control = %control.display(), "shim ready");
+    report_ready("ok");
+
+    let mut stop = shim.stop.subscribe();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("signal handler: {e}"))?;
+    let guest_gone = shim.conn.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(shim.clone(), stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "control accept failed"),
+            },
+            _ = stop.wait_for(|s| *s) => break,
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping the UVM");
+                let _ = shim.uvm.lock().await.stop(std::time::Duration::from_secs(5)).await;
+                break;
+            }
+            reason = guest_gone.closed() => {
+                if shim.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    // A Stop request is in progress; exit once it has been answered.
+                    let _ = shim.stop.subscribe().wait_for(|s| *s).await;
+                    break;
+                }
+                tracing::error!(%reason, "lost the guest connection; the UVM is unusable, stopping");
+                let _ = shim.uvm.lock().await.stop(std::time::Duration::from_secs(5)).await;
+                break;
+            }
+        }
+    }
+    tracing::info!(uvm = name, "shim exiting");
+    Ok(())
+}
+
+async fn handle(shim: Arc<Shim>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let request: Request = match control::read_line(&mut r).await {
+        Ok(req) => req,
+        Err(e) => {
+            let _ = control::write_line(&mut w, &Reply::error(format!("bad control request: {e}")))
+                .await;
+            return;
+        }
+    };
+    tracing::debug!(?request, "control request");
+    ops::dispatch(shim, request, r, w).await;
+}

@@ -1,0 +1,104 @@
+//! Captured output. Each stdout/stderr of a process is copied into a log file as it arrives;
+//! attached clients, `ferry logs` and `ferry logs --follow` all read the file from an offset and
+//! wait for more. The file is the buffer: a slow or absent client never blocks the process,
+//! and output produced while nobody was attached is still there.
+
+use crate::control::{self, MAX_PAYLOAD};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::sync::watch;
+use transport::BoxStream;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Bytes in the file so far.
+    pub written: u64,
+    /// The stream has ended: no more bytes will come.
+    pub done: bool,
+}
+
+pub struct OutputLog {
+    path: PathBuf,
+    progress: watch::Sender<Progress>,
+}
+
+impl OutputLog {
+    /// Starts copying `stream` into a new file at `path`.
+    pub fn capture(path: &Path, mut stream: BoxStream) -> std::io::Result<Arc<OutputLog>> {
+        let mut file = File::create(path)?;
+        let log = Arc::new(OutputLog {
+            path: path.to_path_buf(),
+            progress: watch::channel(Progress::default()).0,
+        });
+        let l = log.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_PAYLOAD];
+            loop {
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(path = %l.path.display(), error = %e, "output stream failed");
+                        break;
+                    }
+                };
+                // Page-cache writes: fast enough to do inline, and the ordering is trivial.
+                if let Err(e) = file.write_all(&buf[..n]) {
+                    tracing::error!(path = %l.path.display(), error = %e, "cannot write captured output; dropping it");
+                    continue;
+                }
+                l.progress.send_modify(|p| p.written += n as u64);
+            }
+            l.progress.send_modify(|p| p.done = true);
+        });
+        Ok(log)
+    }
+
+    pub fn progress(&self) -> Progress {
+        *self.progress.borrow()
+    }
+
+    /// Resolves once the stream has ended and everything is in the file.
+    pub async fn finished(&self) {
+        let _ = self.progress.subscribe().wait_for(|p| p.done).await;
+    }
+
+    /// Sends the file's bytes from `offset` as frames tagged `tag`; with `follow`, keeps going
+    /// until the stream has ended, otherwise stops at what was written when called. Returns the
+    /// offset reached.
+    pub async fn send_from<W: AsyncWrite + Unpin>(
+        &self,
+        mut offset: u64,
+        follow: bool,
+        tag: u8,
+        out: &tokio::sync::Mutex<W>,
+    ) -> std::io::Result<u64> {
+        let file = File::open(&self.path)?;
+        let mut rx = self.progress.subscribe();
+        let stop_at = self.progress().written;
+        let mut buf = vec![0u8; MAX_PAYLOAD];
+        loop {
+            let p = *rx.borrow_and_update();
+            let limit = if follow { p.written } else { stop_at };
+            while offset < limit {
+                let want = ((limit - offset) as usize).min(buf.len());
+                let n = file.read_at(&mut buf[..want], offset)?;
+                if n == 0 {
+                    break;
+                }
+                control::write_frame(&mut *out.lock().await, tag, &buf[..n]).await?;
+                offset += n as u64;
+            }
+            if !follow || (p.done && offset >= p.written) {
+                return Ok(offset);
+            }
+            if rx.changed().await.is_err() {
+                return Ok(offset);
+            }
+        }
+    }
+}

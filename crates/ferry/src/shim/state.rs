@@ -1,0 +1,180 @@
+//! What the shim knows about the containers and processes in its UVM.
+
+use super::output::OutputLog;
+use host::{Container, Process};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use transport::BoxStream;
+
+/// How long output may keep flowing after the exit before the exit is reported anyway.
+const OUTPUT_GRACE: Duration = Duration::from_secs(10);
+
+pub type ExitState = Option<Result<i32, String>>;
+
+/// One process started through this shim.
+pub struct ProcRec {
+    pub pid: u32,
+    pub container: String,
+    pub args: Vec<String>,
+    pub tty: bool,
+    pub is_init: bool,
+    pub process: Arc<Process>,
+    /// The stdin pipe, while no client holds it.
+    pub stdin: tokio::sync::Mutex<Option<BoxStream>>,
+    pub stdout: Option<Arc<OutputLog>>,
+    pub stderr: Option<Arc<OutputLog>>,
+    /// Set once the process has exited and its output is all captured.
+    pub exit: watch::Receiver<ExitState>,
+}
+
+#[derive(Serialize)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub container: String,
+    pub command: Vec<String>,
+    pub tty: bool,
+    pub init: bool,
+    pub status: &'static str,
+    pub exit_code: Option<i32>,
+}
+
+impl ProcRec {
+    /// Takes over a just-started process: captures its output under `log_dir` and watches for
+    /// its exit.
+    pub fn start(
+        process: Process,
+        container: &str,
+        args: Vec<String>,
+        tty: bool,
+        is_init: bool,
+        log_dir: &std::path::Path,
+    ) -> std::io::Result<Arc<ProcRec>> {
+        let pid = process.pid();
+        std::fs::create_dir_all(log_dir)?;
+        let stdout = match process.take_stdout() {
+            Some(s) => Some(OutputLog::capture(
+                &log_dir.join(format!("{pid}.stdout")),
+                s,
+            )?),
+            None => None,
+        };
+        let stderr = match process.take_stderr() {
+            Some(s) => Some(OutputLog::capture(
+                &log_dir.join(format!("{pid}.stderr")),
+                s,
+            )?),
+            None => None,
+        };
+        let stdin = process.take_stdin();
+        let process = Arc::new(process);
+        let (tx, exit) = watch::channel(None);
+        let (p, out, err) = (process.clone(), stdout.clone(), stderr.clone());
+        tokio::spawn(async move {
+            let code = p.wait().await.map_err(|e| e.to_string());
+            let captured = async {
+                for log in [out, err].into_iter().flatten() {
+                    log.finished().await;
+                }
+            };
+            if tokio::time::timeout(OUTPUT_GRACE, captured).await.is_err() {
+                tracing::warn!(
+                    pid = p.pid(),
+                    "output still open {OUTPUT_GRACE:?} after the exit; reporting the exit"
+                );
+            }
+            tracing::info!(
+                pid = p.pid(),
+                container = p.container_id(),
+                ?code,
+                "process exited"
+            );
+            let _ = tx.send(Some(code));
+        });
+        Ok(Arc::new(ProcRec {
+            pid,
+            container: container.to_string(),
+            args,
+            tty,
+            is_init,
+            process,
+            stdin: tokio::sync::Mutex::new(stdin),
+            stdout,
+            stderr,
+            exit,
+        }))
+    }
+
+    pub fn exit_state(&self) -> ExitState {
+        self.exit.borrow().clone()
+    }
+
+    pub async fn wait(&self) -> Result<i32, String> {
+        let mut rx = self.exit.clone();
+        match rx.wait_for(|e| e.is_some()).await {
+            Ok(e) => e.clone().unwrap_or_else(|| Err("no exit".into())),
+            Err(_) => Err("the shim lost track of the process".into()),
+        }
+    }
+
+    pub fn info(&self) -> ProcInfo {
+        let exit = self.exit_state();
+        ProcInfo {
+            pid: self.pid,
+            container: self.container.clone(),
+            command: self.args.clone(),
+            tty: self.tty,
+            init: self.is_init,
+            status: match exit {
+                None => "running",
+                Some(Ok(_)) => "exited",
+                Some(Err(_)) => "unknown",
+            },
+            exit_code: exit.and_then(|e| e.ok()),
+        }
+    }
+}
+
+pub struct ContainerRec {
+    pub id: String,
+    pub container: Arc<Container>,
+    pub init: Arc<ProcRec>,
+    pub procs: BTreeMap<u32, Arc<ProcRec>>,
+    pub rootfs: PathBuf,
+    pub created: SystemTime,
+}
+
+#[derive(Serialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub pid: u32,
+    pub status: &'static str,
+    pub exit_code: Option<i32>,
+    pub command: Vec<String>,
+    pub rootfs: PathBuf,
+    pub processes: usize,
+    pub created: u64,
+}
+
+impl ContainerRec {
+    pub fn info(&self) -> ContainerInfo {
+        let init = self.init.info();
+        ContainerInfo {
+            id: self.id.clone(),
+            pid: self.init.pid,
+            status: init.status,
+            exit_code: init.exit_code,
+            command: self.init.args.clone(),
+            rootfs: self.rootfs.clone(),
+            processes: self.procs.len(),
+            created: self
+                .created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! A streaming control session: a process's captured output sent to the client as frames,
+//! the client's input, resizes and signals sent to the process, and the exit code last.
+
+use super::state::ProcRec;
+use crate::control::{self, tag};
+use std::sync::Arc;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use transport::BoxStream;
+
+pub struct StreamPlan {
+    pub rec: Arc<ProcRec>,
+    /// Send output from the beginning (logs, a new process) or only what comes next (attach).
+    pub from_start: bool,
+    /// Keep streaming until the process's output ends; otherwise stop at what exists now.
+    pub follow: bool,
+    /// Feed the client's input to the process's stdin.
+    pub stdin: bool,
+}
+
+pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHalf) {
+    let rec = plan.rec;
+    let out = tokio::sync::Mutex::new(w);
+    let stdin = if plan.stdin {
+        rec.stdin.lock().await.take()
+    } else {
+        None
+    };
+    let mut input = tokio::spawn(input_loop(r, stdin, rec.clone()));
+
+    let send = |log: Option<Arc<super::output::OutputLog>>, t: u8| {
+        let out = &out;
+        async move {
+            let Some(log) = log else { return Ok(0) };
+            let from = if plan.from_start {
+                0
+            } else {
+                log.progress().written
+            };
+            log.send_from(from, plan.follow, t, out).await
+        }
+    };
+    let sent = tokio::join!(
+        send(rec.stdout.clone(), tag::STDOUT),
+        send(rec.stderr.clone(), tag::STDERR)
+    );
+    let client_gone = sent.0.is_err() || sent.1.is_err();
+
+    if plan.follow && !client_gone {
+        let exit = tokio::select! {
+            e = rec.wait() => Some(e),
+            // The client went away before the exit: nothing more to tell it.
+            _ = &mut input => None,
+        };
+        let mut w = out.lock().await;
+        let _ = match exit {
+            Some(Ok(code)) => control::write_frame(&mut *w, tag::EXIT, &code.to_le_bytes()).await,
+            Some(Err(e)) => control::write_frame(&mut *w, tag::ERROR, e.as_bytes()).await,
+            None => Ok(()),
+        };
+        let _ = w.shutdown().await;
+    } else {
+        let _ = out.lock().await.shutdown().await;
+    }
+
+    // Give an unfinished stdin back for the next attach: the client detached, it did not close
+    // the process's input.
+    if !input.is_finished() {
+        input.abort();
+    }
+    if let Ok(Some(stream)) = input.await {
+        if rec.exit_state().is_none() {
+            *rec.stdin.lock().await = Some(stream);
+        }
+    }
+}
+
+/// Applies the client's frames; returns the stdin stream if the client left without closing it.
+async fn input_loop(
+    mut r: BufReader<OwnedReadHalf>,
+    mut stdin: Option<BoxStream>,
+    rec: Arc<ProcRec>,
+) -> Option<BoxStream> {
+    loop {
+        let (t, payload) = match control::read_frame(&mut r).await {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => return stdin,
+        };
+        match t {
+            tag::STDIN => {
+                if let Some(s) = stdin.as_mut()
+                    && let Err(e) = s.write_all(&payload).await
+                {
+                    tracing::debug!(pid = rec.pid, error = %e, "stdin write failed");
+                    stdin = None;
+                }
+            }
+            tag::STDIN_EOF => {
+                if let Some(mut s) = stdin.take() {
+                    let _ = s.shutdown().await;
+                }
+            }
+            tag::RESIZE if payload.len() == 4 => {
+                let rows = u16::from_le_bytes([payload[0], payload[1]]);
+                let cols = u16::from_le_bytes([payload[2], payload[3]]);
+                if let Err(e) = rec.process.resize(rows, cols).await {
+                    tracing::debug!(pid = rec.pid, error = %e, "resize failed");
+                }
+            }
+            tag::SIGNAL if payload.len() == 4 => {
+                let sig = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if let Err(e) = rec.process.signal(sig).await {
+                    tracing::debug!(pid = rec.pid, error = %e, "signal failed");
+                }
+            }
+            other => tracing::warn!(tag = other, "unexpected control frame; ignored"),
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The ferry-gcs command line, shared by the `ferry-gcs` binary and `ferry gcs`.
+
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::time::Duration;
+use transport::{Side, Transport};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TransportKind {
+    /// AF_VSOCK: dial the host at --host-cid (inside a VM with a virtio-vsock device).
+    Vsock,
+    /// Hybrid vsock over Unix sockets: dial port P by connecting to `<base>_<P>`. This is how
+    /// the agent runs on the host itself (ferry's embedded default) and how tests drive it.
+    HybridVsock,
+}
+
+/// ferry-gcs — ferry's guest agent.
+///
+/// Runs inside a utility VM (or, on ferry's embedded default, on the host in its own
+/// namespaces), dials the host's bridge on port 0x40000000, and serves the GCS bridge protocol
+/// v4: creating OCI containers, running processes with their stdio on per-process ports,
+/// waiting, signalling, resizing consoles. When the bridge breaks it keeps everything running
+/// and dials again every --reconnect-interval-ms.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "ferry-gcs",
+    version,
+    after_long_help = "\
+Examples:
+  Standalone on the host, against a host side listening on /tmp/uvm/vm.sock_1073741824:
+    ferry-gcs --transport hybrid-vsock --base /tmp/uvm/vm.sock --state-dir /tmp/uvm/state
+
+  Inside a VM with virtio-vsock (the host is CID 2):
+    ferry-gcs --transport vsock
+
+Logging: --log-level (or FERRY_LOG=debug, with tracing's filter syntax, e.g.
+FERRY_LOG=gcs=debug,info). Logs go to stderr, or to --log-file."
+)]
+pub struct Args {
+    /// How to reach the host.
+    #[arg(long, value_enum, default_value = "vsock")]
+    pub transport: TransportKind,
+    /// Base path of the hybrid-vsock sockets (required with --transport hybrid-vsock).
+    #[arg(long, required_if_eq("transport", "hybrid-vsock"))]
+    pub base: Option<PathBuf>,
+    /// The host's vsock CID (--transport vsock).
+    #[arg(long, default_value_t = 2)]
+    pub host_cid: u32,
+    /// Directory for container state.
+    #[arg(long, default_value = "/run/ferry-gcs")]
+    pub state_dir: PathBuf,
+    /// Largest frame accepted or sent on the bridge, header included.
+    #[arg(long, default_value_t = bridge::DEFAULT_MAX_FRAME_SIZE, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_frame_size: u32,
+    /// Pause between attempts to reach the bridge when it is down.
+    #[arg(long, default_value_t = 100)]
+    pub reconnect_interval_ms: u64,
+    /// Bound on every dial (bridge and stdio ports).
+    #[arg(long, default_value_t = 5000)]
+    pub dial_timeout_ms: u64,
+    /// After a process exits, how long its output may keep flowing before the exit is reported.
+    #[arg(long, default_value_t = 5000)]
+    pub output_drain_grace_ms: u64,
+    /// Log filter (error, warn, info, debug, trace, or tracing directives); overrides FERRY_LOG.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Append logs to this file instead of stderr.
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// Run as the embedded default's utility VM: move into new mount, pid, uts and ipc
+    /// namespaces first and become PID 1 there (needs root). Everything the agent runs dies
+    /// with it.
+    #[arg(long)]
+    pub isolate: bool,
+    /// Hostname inside the namespaces (--isolate).
+    #[arg(long, default_value = "ferry-uvm")]
+    pub hostname: String,
+}
+
+fn init_logging(args: &Args) -> std::io::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &args.log_level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match &args.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// Runs the agent as the command line describes; returns the process exit code.
+pub fn main(args: Args) -> std::process::ExitCode {
+    if args.isolate
+        && let Err(e) = crate::isolate::enter_namespaces(&args.hostname)
+    {
+        eprintln!("ferry-gcs: cannot isolate: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    if let Err(e) = init_logging(&args) {
+        eprintln!("ferry-gcs: cannot open log file: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry-gcs: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        let transport = match args.transport {
+            TransportKind::Vsock => Transport::vsock(args.host_cid),
+            TransportKind::HybridVsock => {
+                // clap guarantees --base with hybrid-vsock.
+                Transport::hybrid_vsock(args.base.clone().unwrap_or_default(), Side::Guest)
+            }
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            transport = %transport.describe(),
+            state_dir = %args.state_dir.display(),
+            "ferry-gcs starting"
+        );
+        let config = crate::Config {
+            transport,
+            state_dir: args.state_dir.clone(),
+            max_frame_size: args.max_frame_size,
+            reconnect_interval: Duration::from_millis(args.reconnect_interval_ms),
+            dial_timeout: Duration::from_millis(args.dial_timeout_ms),
+            output_drain_grace: Duration::from_millis(args.output_drain_grace_ms),
+        };
+        match crate::run(config).await {
+            Ok(()) => {
+                tracing::info!("ferry-gcs stopped");
+                0
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ferry-gcs failed");
+                1
+            }
+        }
+    });
+    std::process::ExitCode::from(code)
+}

@@ -1,0 +1,318 @@
+//! The local backend, ferry's embedded default: no hypervisor. The guest agent runs on the
+//! host as PID 1 of its own mount/pid/uts/ipc namespaces (`ferry-gcs --isolate`), in its own
+//! cgroup when cgroup v2 is writable (which is what pause/resume freeze), and talks to the host
+//! over hybrid vsock on Unix sockets in the UVM's state directory.
+//!
+//! The agent runs in its own session, so it outlives the host process that started it: a new
+//! host process can take it over (save/restore).
+
+use crate::{Result, UtilityVm, UvmError, UvmProperties};
+use host::{ConnectionOptions, GuestConnection};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime};
+use tokio::process::Child;
+use transport::{Listener, Side, Transport};
+
+/// Longest Unix socket path (sun_path) minus room for the `_<port>` suffix.
+const MAX_SOCKET_BASE: usize = 107 - 11;
+
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    pub name: String,
+    /// The UVM's own directory (sockets, logs, the agent's state).
+    pub state_dir: PathBuf,
+    /// The agent's program, and arguments that come before its own (e.g. `ferry gcs`).
+    pub gcs_program: PathBuf,
+    pub gcs_prefix_args: Vec<String>,
+    /// New namespaces for the agent (needs root). Without, it runs in the host's namespaces.
+    pub isolate: bool,
+    /// How long the agent may take to dial the bridge after it starts.
+    pub connect_timeout: Duration,
+    pub gcs_log_level: String,
+    pub connection: ConnectionOptions,
+}
+
+impl LocalConfig {
+    pub fn new(
+        name: &str,
+        state_dir: PathBuf,
+        gcs_program: PathBuf,
+        gcs_prefix_args: Vec<String>,
+    ) -> LocalConfig {
+        LocalConfig {
+            name: name.to_string(),
+            state_dir,
+            gcs_program,
+            gcs_prefix_args,
+            isolate: is_root(),
+            connect_timeout: Duration::from_secs(10),
+            gcs_log_level: "info".into(),
+            connection: ConnectionOptions::default(),
+        }
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub struct LocalUvm {
+    config: LocalConfig,
+    child: Option<Child>,
+    pid: Option<u32>,
+    bridge: Option<Listener>,
+    conn: Option<GuestConnection>,
+    cgroup: Option<PathBuf>,
+    paused: bool,
+    started_at: Option<SystemTime>,
+}
+
+impl LocalUvm {
+    pub fn new(config: LocalConfig) -> LocalUvm {
+        LocalUvm {
+            config,
+            child: None,
+            pid: None,
+            bridge: None,
+            conn: None,
+            cgroup: None,
+            paused: false,
+            started_at: None,
+        }
+    }
+
+    pub fn socket_base(&self) -> PathBuf {
+        self.config.state_dir.join("vm.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.config.state_dir.join("gcs.log")
+    }
+
+    fn transport(&self) -> Transport {
+        Transport::hybrid_vsock(self.socket_base(), Side::Host)
+    }
+
+    /// True while the agent process exists.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Resolves when the agent process exits; returns its exit status text.
+    pub async fn exited(&mut self) -> String {
+        match &mut self.child {
+            Some(c) => match c.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            },
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The last lines of the agent's log, to explain a failed start.
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for f in [self.config.state_dir.join("gcs.stderr"), self.log_path()] {
+            if let Ok(text) = std::fs::read_to_string(&f) {
+                let lines: Vec<&str> = text.lines().rev().take(5).collect();
+                for l in lines.into_iter().rev() {
+                    out.push_str("\n    ");
+                    out.push_str(l);
+                }
+            }
+        }
+        out
+    }
+
+    fn make_cgroup(&self) -> Option<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        if !self.config.isolate || !root.join("cgroup.controllers").exists() {
+            return None;
+        }
+        let dir = root.join("ferry").join(&self.config.name);
+        match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "no cgroup for the UVM: pause/resume unavailable");
+                None
+            }
+        }
+    }
+
+    fn freeze(&mut self, frozen: bool) -> Result<()> {
+        let Some(cg) = &self.cgroup else {
+            return Err(UvmError::NotSupported(
+                "pause needs a writable cgroup v2 hierarchy (and root); this UVM has none".into(),
+            ));
+        };
+        std::fs::write(cg.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+            .map_err(|e| UvmError::io(format!("write {}/cgroup.freeze", cg.display()), e))?;
+        self.paused = frozen;
+        Ok(())
+    }
+
+    async fn spawn_agent(&mut self) -> Result<Child> {
+        let c = &self.config;
+        let mut cmd = tokio::process::Command::new(&c.gcs_program);
+        cmd.args(&c.gcs_prefix_args)
+            .arg("--transport=hybrid-vsock")
+            .arg("--base")
+            .arg(self.socket_base())
+            .arg("--state-dir")
+            .arg(c.state_dir.join("guest"))
+            .arg("--log-file")
+            .arg(self.log_path())
+            .arg(format!("--log-level={}", c.gcs_log_level));
+        if c.isolate {
+            cmd.arg("--isolate").arg(format!("--hostname={}", c.name));
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.state_dir.join("gcs.stderr"))
+            .map_err(|e| UvmError::io("open gcs.stderr", e))?;
+        // Its own process group: signals aimed at the host process's terminal do not reach
+        // the UVM, and it survives the host process.
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        cmd.spawn().map_err(|e| {
+            UvmError::Start(format!(
+                "cannot run the guest agent {}: {e}",
+                c.gcs_program.display()
+            ))
+        })
+    }
+}
+
+impl UtilityVm for LocalUvm {
+    fn backend_name(&self) -> &'static str {
+        "local"
+    }
+
+    async fn start(&mut self) -> Result<GuestConnection> {
+        if self.is_running() {
+            return Err(UvmError::AlreadyRunning);
+        }
+        std::fs::create_dir_all(&self.config.state_dir)
+            .map_err(|e| UvmError::io(format!("create {}", self.config.state_dir.display()), e))?;
+        let base = self.socket_base();
+        if base.as_os_str().len() > MAX_SOCKET_BASE {
+            return Err(UvmError::Start(format!(
+                "state directory path too long for Unix sockets: {} (use a shorter FERRY_STATE_DIR)",
+                base.display()
+            )));
+        }
+        let transport = self.transport();
+        let mut bridge = transport
+            .listen(bridge::BRIDGE_PORT)
+            .await
+            .map_err(|e| UvmError::Start(format!("listen on the bridge socket: {e}")))?;
+        self.cgroup = self.make_cgroup();
+        let mut child = self.spawn_agent().await?;
+        let pid = child.id();
+        if let (Some(cg), Some(pid)) = (&self.cgroup, pid)
+            && let Err(e) = std::fs::write(cg.join("cgroup.procs"), pid.to_string())
+        {
+            tracing::warn!(error = %e, "cannot move the agent into its cgroup: pause/resume unavailable");
+            self.cgroup = None;
+        }
+        let timeout = self.config.connect_timeout;
+        let stream = tokio::select! {
+            s = tokio::time::timeout(timeout, bridge.accept()) => match s {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(UvmError::Start(format!("accept the agent's bridge connection: {e}"))),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    return Err(UvmError::Start(format!(
+                        "the guest agent did not connect within {timeout:?}; its log:{}",
+                        self.log_tail()
+                    )));
+                }
+            },
+            status = child.wait() => {
+                return Err(UvmError::Start(format!(
+                    "the guest agent exited at once ({}); its log:{}",
+                    status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    self.log_tail()
+                )));
+            }
+        };
+        let conn =
+            GuestConnection::connect(transport, stream, self.config.connection.clone()).await?;
+        tracing::info!(name = %self.config.name, pid, isolate = self.config.isolate, "local UVM started");
+        self.child = Some(child);
+        self.pid = pid;
+        self.bridge = Some(bridge);
+        self.conn = Some(conn.clone());
+        self.started_at = Some(SystemTime::now());
+        Ok(conn)
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Err(UvmError::NotRunning);
+        };
+        if self.paused {
+            let _ = self.freeze(false);
+        }
+        if let Some(conn) = self.conn.take() {
+            let uvm = host::Container::uvm(&conn);
+            if let Err(e) = uvm.shutdown(true).await {
+                tracing::debug!(error = %e, "shutdown request failed; killing the agent");
+            }
+        }
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
+                let _ = child.kill().await;
+            }
+        }
+        // The agent was PID 1 of its namespace: everything in it is gone too.
+        self.bridge = None;
+        if let Some(cg) = self.cgroup.take() {
+            let _ = std::fs::remove_dir(&cg);
+        }
+        self.pid = None;
+        tracing::info!(name = %self.config.name, "local UVM stopped");
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<()> {
+        if self.child.is_none() {
+            return Err(UvmError::NotRunning);
+        }
+        self.freeze(true)
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        if self.child.is_none() {
+            return Err(UvmError::NotRunning);
+        }
+        self.freeze(false)
+    }
+
+    fn properties(&self) -> UvmProperties {
+        UvmProperties {
+            name: self.config.name.clone(),
+            backend: "local",
+            running: self.child.is_some(),
+            paused: self.paused,
+            pid: self.pid,
+            state_dir: self.config.state_dir.clone(),
+            transport: self.transport().describe(),
+            started_at: self
+                .started_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        }
+    }
+}
