@@ -62,7 +62,10 @@ pub fn exec_process(p: &ProcessSpec) -> Result<Process, String> {
 }
 
 /// Builds (once) the busybox image from the host's busybox-static, and returns its rootfs.
+/// Blocking; concurrent callers wait for the one build.
 pub fn busybox_image(state_root: &Path) -> Result<PathBuf, String> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
     let dir = crate::paths::image_dir(state_root, "busybox");
     let rootfs = dir.join("rootfs");
     if rootfs.join("bin/busybox").exists() {

@@ -174,7 +174,10 @@ fn resolve_rootfs(shim: &Shim, rootfs: &Rootfs) -> Result<PathBuf, String> {
                 Err(_) => Err(format!("rootfs {d} does not exist")),
             }
         }
-        Rootfs::Image(i) if i == "busybox" => spec::busybox_image(&shim.root),
+        Rootfs::Image(i) if i == "busybox" => {
+            let root = shim.root.clone();
+            tokio::task::block_in_place(|| spec::busybox_image(&root))
+        }
         Rootfs::Image(i) => Err(format!(
             "unknown image {i:?}: the built-in image is \"busybox\"; or pass --rootfs DIR"
         )),
