@@ -434,3 +434,41 @@ fn bad_input_gives_one_clear_line_and_leaves_nothing_behind() {
         0
     );
 }
+
+#[test]
+fn the_control_socket_survives_garbage() {
+    if skip("control socket test") {
+        return;
+    }
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    let e = Env::new("ctl");
+    let sock = e.state.join("uvms/u/control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "control socket must be private");
+    let ask = |bytes: &[u8]| -> String {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(s).read_line(&mut line);
+        line
+    };
+    for junk in [
+        &b"not json\n"[..],
+        b"{\"op\":\"launch_missiles\"}\n",
+        b"{\"op\":\"run\"}\n",
+        b"\xff\xfe\n",
+        b"",
+    ] {
+        let reply = ask(junk);
+        assert!(reply.contains("\"ok\":false"), "{junk:?} -> {reply:?}");
+    }
+    // A line longer than the limit is refused without buffering it all.
+    let mut huge = vec![b'x'; 3 << 20];
+    huge.push(b'\n');
+    assert!(ask(&huge).contains("\"ok\":false"));
+    // Still serving.
+    assert_eq!(code(&e.ferry(&["run", "u", "--", "true"])), 0);
+}

@@ -68,10 +68,10 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
     if !input.is_finished() {
         input.abort();
     }
-    if let Ok(Some(stream)) = input.await {
-        if rec.exit_state().is_none() {
-            *rec.stdin.lock().await = Some(stream);
-        }
+    if let Ok(Some(stream)) = input.await
+        && rec.exit_state().is_none()
+    {
+        *rec.stdin.lock().await = Some(stream);
     }
 }
 
