@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 mod hybrid_vsock;
 mod mux;
 mod registry;
+pub mod resumable;
 mod vsock;
 
 pub use mux::{MuxRole, MuxSession};
