@@ -278,6 +278,11 @@ pub struct ProcessParameters {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[cfg_attr(test, proptest(value = "None"))]
     pub oci_process: Option<Box<OciProcess>>,
+    /// ferry extension: carry this process's stdio as resumable streams (offsets, acks,
+    /// re-dial after a break), when the guest announced `FerryResumableStdio`. A plain hcsshim
+    /// host never sets it and gets raw byte streams.
+    #[serde(rename = "FerryResumableStdio", skip_serializing_if = "is_false")]
+    pub ferry_resumable_stdio: bool,
 }
 
 /// The ports the guest dials for a process's stdio (0 = no pipe).

@@ -35,6 +35,9 @@ pub struct Config {
     /// How long after a process exits its output may still be flowing before the exit is
     /// reported anyway (a background child can hold the pipe open forever).
     pub output_drain_grace: Duration,
+    /// Per resumable output stream: bytes kept until the host acknowledges them. When full,
+    /// the process's writes block (back-pressure) rather than anything being dropped.
+    pub stdio_buffer: usize,
 }
 
 #[derive(Default)]
@@ -223,6 +226,9 @@ impl Agent {
             )));
         }
         state.containers.remove(id);
+        for p in state.processes.values().filter(|p| p.container_id == id) {
+            p.abandon.send_replace(true);
+        }
         // Exit records of its processes go too: nobody can ask for them by container any more.
         state
             .processes
@@ -248,8 +254,12 @@ impl Agent {
         if id == UVM_CONTAINER_ID {
             tracing::info!(forced, "utility VM shutdown requested");
             let state = self.state();
-            for p in state.processes.values().filter(|p| p.exit_code().is_none()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), signal);
+            for p in state.processes.values() {
+                if p.exit_code().is_none() {
+                    let _ =
+                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid as i32), signal);
+                }
+                p.abandon.send_replace(true);
             }
             drop(state);
             self.shutdown.send_replace(true);
@@ -331,7 +341,14 @@ impl Agent {
         };
         let is_init = matches!(kind, Kind::Init(_));
         let result = self
-            .spawn_process(container_id, plan, kind, ports, params.console_size)
+            .spawn_process(
+                container_id,
+                plan,
+                kind,
+                ports,
+                params.console_size,
+                params.ferry_resumable_stdio,
+            )
             .await;
         if is_init {
             let mut state = self.state();
@@ -352,6 +369,7 @@ impl Agent {
         kind: Kind,
         ports: StdioPorts,
         console_size: Option<[u16; 2]>,
+        resumable: bool,
     ) -> Result<u32> {
         let image_name = plan.args.first().cloned().unwrap_or_default();
         let (child_stdio, relays) = stdio::prepare(
@@ -390,7 +408,15 @@ impl Agent {
         // Register for the exit before anything can miss it (the reaper keeps early exits).
         let exited = self.reaper.register(pid);
         let pty = relays.pty.clone();
-        let pumps = relays.start(pid)?;
+        let (abandon, abandoned) = watch::channel(false);
+        let redial = resumable.then(|| stdio::Redial {
+            transport: self.config.transport.clone(),
+            interval: self.config.reconnect_interval,
+            timeout: self.config.dial_timeout,
+            window: self.config.stdio_buffer,
+            abandon: abandoned,
+        });
+        let pumps = relays.start(pid, redial)?;
         self.state().processes.insert(
             pid,
             ProcessEntry {
@@ -400,6 +426,7 @@ impl Agent {
                 is_init,
                 exit: watch::channel(None).0,
                 pty,
+                abandon,
             },
         );
         tracing::info!(pid, container = container_id, command = %image_name, "process started");

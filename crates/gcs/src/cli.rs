@@ -61,6 +61,10 @@ pub struct Args {
     /// After a process exits, how long its output may keep flowing before the exit is reported.
     #[arg(long, default_value_t = 5000)]
     pub output_drain_grace_ms: u64,
+    /// Bytes of unacknowledged output kept per resumable stdio stream; when full, the
+    /// process's writes wait (nothing is dropped).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
+    pub stdio_buffer_bytes: u64,
     /// Log filter (error, warn, info, debug, trace, or tracing directives); overrides FERRY_LOG.
     #[arg(long)]
     pub log_level: Option<String>,
@@ -144,6 +148,7 @@ pub fn main(args: Args) -> std::process::ExitCode {
             reconnect_interval: Duration::from_millis(args.reconnect_interval_ms),
             dial_timeout: Duration::from_millis(args.dial_timeout_ms),
             output_drain_grace: Duration::from_millis(args.output_drain_grace_ms),
+            stdio_buffer: args.stdio_buffer_bytes as usize,
         };
         match crate::run(config).await {
             Ok(()) => {

@@ -177,3 +177,95 @@ async fn fifty_drops_with_several_processes_nothing_leaks() {
     );
     assert!(gcs.child.try_wait().unwrap().is_none(), "agent died");
 }
+
+/// A sink that fails after `budget` more bytes, to break a stdio connection on purpose.
+struct Breaking<'a> {
+    out: &'a mut Vec<u8>,
+    budget: usize,
+}
+
+impl tokio::io::AsyncWrite for Breaking<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.budget == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("host goes away")));
+        }
+        let n = buf.len().min(self.budget);
+        self.out.extend_from_slice(&buf[..n]);
+        self.budget -= n;
+        std::task::Poll::Ready(Ok(n))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn resumable_stdout_survives_broken_connections_without_gaps_or_duplicates() {
+    let mut gcs = Gcs::start("resume").await;
+    let conn = gcs.connect().await;
+    let caps = conn.negotiate().await;
+    let caps = bridge::negotiate::GuestCapabilities::from_value(
+        &caps.capabilities.guest_defined_capabilities,
+    );
+    assert_eq!(caps.ferry_resumable_stdio, 1);
+    let port = gcs.alloc_port();
+    let mut listener = gcs.transport.listen(port).await.unwrap();
+    let params = ProcessParameters {
+        command_args: vec!["sh".into(), "-c".into(), counter(300, 0)],
+        create_std_out_pipe: true,
+        ferry_resumable_stdio: true,
+        ..Default::default()
+    };
+    let req = Request::ExecuteProcess(ExecuteProcessRequest {
+        base: base(UVM),
+        settings: ExecuteProcessSettings {
+            process_parameters: bridge::JsonString(params),
+            vsock_stdio_relay_settings: StdioPorts {
+                std_out: port,
+                ..Default::default()
+            },
+        },
+    });
+    let (_, rx) = conn.send(&req).await;
+    let Response::ExecuteProcess(e) = within("exec", rx).await.unwrap() else {
+        panic!()
+    };
+    let (wait_id, _) = conn
+        .send(&wait_req(UVM, e.process_id, bridge::INFINITE_WAIT))
+        .await;
+    let adopted = conn.expect(wait_id);
+
+    // Break the stdout connection every 200 bytes; each time the agent dials again and the
+    // stream resumes where the host stopped.
+    let mut receiver = transport::resumable::Receiver::new(0);
+    let mut got = Vec::new();
+    let mut breaks = 0;
+    while !receiver.finished() {
+        let s = within("the agent to (re)dial stdout", listener.accept())
+            .await
+            .unwrap();
+        let mut sink = Breaking {
+            out: &mut got,
+            budget: 200,
+        };
+        if receiver.serve(s, &mut sink).await.is_err() {
+            breaks += 1;
+        }
+    }
+    assert!(breaks >= 5, "only {breaks} breaks");
+    assert_counter(&got, 300);
+    assert_eq!(exit_code_of(within("exit", adopted).await.unwrap()), 0);
+}

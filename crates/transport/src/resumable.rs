@@ -457,9 +457,21 @@ impl Receiver {
         while !self.eof {
             match read_frame(&mut s).await? {
                 Some(Frame::Data(d)) => {
-                    sink.write_all(&d).await?;
+                    // Count exactly what the sink took, even if it fails part-way: those bytes
+                    // must not come again.
+                    let mut off = 0;
+                    while off < d.len() {
+                        let n = sink.write(&d[off..]).await?;
+                        if n == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                "sink accepts no more",
+                            ));
+                        }
+                        off += n;
+                        self.received += n as u64;
+                    }
                     sink.flush().await?;
-                    self.received += d.len() as u64;
                 }
                 Some(Frame::End) => self.eof = true,
                 Some(Frame::Ack { .. }) => return Err(protocol("ack sent to a receiver".into())),

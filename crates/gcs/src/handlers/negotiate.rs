@@ -10,7 +10,7 @@ pub fn capabilities() -> GuestCapabilities {
         dump_stacks_supported: true,
         delete_container_state_supported: true,
         ferry_exit_records: true,
-        ferry_resumable_stdio: 0,
+        ferry_resumable_stdio: 1,
     }
 }
 

@@ -32,6 +32,9 @@ pub struct ProcessEntry {
     pub exit: watch::Sender<Option<i32>>,
     /// The pseudo-terminal master, for resizing.
     pub pty: Option<Arc<OwnedFd>>,
+    /// Set to give up on delivering this process's resumable stdio (its container is deleted,
+    /// the UVM shuts down).
+    pub abandon: watch::Sender<bool>,
 }
 
 impl ProcessEntry {

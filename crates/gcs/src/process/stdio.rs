@@ -22,9 +22,64 @@ pub struct ChildStdio {
 
 /// The agent's ends, pumped once the process has started.
 pub struct Relays {
-    stdin: Option<(BoxStream, OwnedFd)>,
-    outputs: Vec<(OwnedFd, BoxStream, &'static str)>,
+    stdin: Option<(BoxStream, OwnedFd, u32)>,
+    outputs: Vec<(OwnedFd, BoxStream, &'static str, u32)>,
     pub pty: Option<Arc<OwnedFd>>,
+}
+
+/// How resumable streams reconnect after a break: the agent dials the same port again until
+/// the host is back, or until the process's streams are abandoned (its container deleted, the
+/// UVM shut down).
+#[derive(Clone)]
+pub struct Redial {
+    pub transport: Transport,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub window: usize,
+    pub abandon: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Redial {
+    async fn dial(mut self, port: u32) -> std::io::Result<BoxStream> {
+        loop {
+            if *self.abandon.borrow() {
+                return Err(std::io::Error::other("stream abandoned"));
+            }
+            match self.transport.dial(port, self.timeout).await {
+                Ok(s) => {
+                    tracing::debug!(port, "stdio stream re-dialled");
+                    return Ok(s);
+                }
+                Err(e) => tracing::trace!(port, error = %e, "stdio re-dial failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.interval) => {}
+                _ = self.abandon.changed() => {}
+            }
+        }
+    }
+
+    /// A connect function for a resumable stream: the stream dialled at start first, then
+    /// re-dials.
+    fn connector(
+        self,
+        port: u32,
+        first: BoxStream,
+    ) -> impl FnMut() -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<BoxStream>> + Send>,
+    > {
+        let mut first = Some(first);
+        move || {
+            let first = first.take();
+            let redial = self.clone();
+            Box::pin(async move {
+                match first {
+                    Some(s) => Ok(s),
+                    None => redial.dial(port).await,
+                }
+            })
+        }
+    }
 }
 
 /// Running pumps.
@@ -122,10 +177,10 @@ pub async fn prepare(
         };
         let mut outputs = Vec::new();
         if let Some(s) = stdout_s {
-            outputs.push((dup(&pty.master)?, s, "stdout"));
+            outputs.push((dup(&pty.master)?, s, "stdout", ports.std_out));
         }
         let stdin = match stdin_s {
-            Some(s) => Some((s, dup(&pty.master)?)),
+            Some(s) => Some((s, dup(&pty.master)?, ports.std_in)),
             None => None,
         };
         return Ok((
@@ -143,23 +198,24 @@ pub async fn prepare(
         Some(s) => {
             let (r, w) = pipe_pair()?;
             set_nonblocking(&w)?;
-            (r, Some((s, w)))
+            (r, Some((s, w, ports.std_in)))
         }
         None => (null()?, None),
     };
-    let mut output = |stream: Option<BoxStream>, name: &'static str| -> Result<OwnedFd> {
-        match stream {
-            Some(s) => {
-                let (r, w) = pipe_pair()?;
-                set_nonblocking(&r)?;
-                outputs.push((r, s, name));
-                Ok(w)
+    let mut output =
+        |stream: Option<BoxStream>, name: &'static str, port: u32| -> Result<OwnedFd> {
+            match stream {
+                Some(s) => {
+                    let (r, w) = pipe_pair()?;
+                    set_nonblocking(&r)?;
+                    outputs.push((r, s, name, port));
+                    Ok(w)
+                }
+                None => null(),
             }
-            None => null(),
-        }
-    };
-    let child_stdout = output(stdout_s, "stdout")?;
-    let child_stderr = output(stderr_s, "stderr")?;
+        };
+    let child_stdout = output(stdout_s, "stdout", ports.std_out)?;
+    let child_stderr = output(stderr_s, "stderr", ports.std_err)?;
     Ok((
         ChildStdio {
             stdin: child_stdin,
@@ -189,33 +245,88 @@ async fn pump_out<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     n
 }
 
+/// Copies a process's output into a resumable stream until the pipe ends.
+async fn produce<R: AsyncRead + Unpin>(
+    mut from: R,
+    to: transport::resumable::Sender,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; transport::resumable::MAX_CHUNK];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            // A terminal reports EIO once the last slave closes: its end-of-file.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => {
+                to.finish();
+                return Err(e);
+            }
+        };
+        to.write_all(&buf[..n]).await?;
+    }
+    to.finish();
+    Ok(())
+}
+
 impl Relays {
     /// Starts copying. Call after the process has been spawned (the child's ends are closed
     /// in the agent by then, so end-of-file arrives when the process and its children close
-    /// theirs).
-    pub fn start(self, pid: u32) -> Result<Pumps> {
+    /// theirs). With `resumable`, the streams survive breaks: output is kept until the host
+    /// acknowledges it and each stream re-dials its port after a break.
+    pub fn start(self, pid: u32, resumable: Option<Redial>) -> Result<Pumps> {
         let mut outputs = Vec::new();
-        for (fd, stream, name) in self.outputs {
+        for (fd, stream, name, port) in self.outputs {
             let rx = pipe::Receiver::from_owned_fd_unchecked(fd)
                 .map_err(|e| GcsError::Failed(format!("register {name} pipe: {e}")))?;
-            outputs.push(tokio::spawn(async move {
-                match pump_out(rx, stream).await {
-                    Ok(_) => tracing::trace!(pid, name, "output relayed to end of file"),
-                    Err(e) => tracing::warn!(pid, name, error = %e, "output relay ended early"),
+            let task = match &resumable {
+                None => tokio::spawn(async move {
+                    match pump_out(rx, stream).await {
+                        Ok(_) => tracing::trace!(pid, name, "output relayed to end of file"),
+                        Err(e) => tracing::warn!(pid, name, error = %e, "output relay ended early"),
+                    }
+                }),
+                Some(redial) => {
+                    let (sender, driver) = transport::resumable::sender(redial.window);
+                    let connect = redial.clone().connector(port, stream);
+                    tokio::spawn(async move {
+                        let (produced, delivered) =
+                            tokio::join!(produce(rx, sender), driver.run(connect));
+                        if let Err(e) = produced {
+                            tracing::warn!(pid, name, error = %e, "reading the process's output failed");
+                        }
+                        match delivered {
+                            Ok(()) => tracing::trace!(pid, name, "output delivered to end of file"),
+                            Err(e) => tracing::warn!(pid, name, error = %e, "output abandoned"),
+                        }
+                    })
                 }
-            }));
+            };
+            outputs.push(task);
         }
         let stdin = match self.stdin {
-            Some((mut stream, fd)) => {
+            Some((stream, fd, port)) => {
                 let mut tx = pipe::Sender::from_owned_fd_unchecked(fd)
                     .map_err(|e| GcsError::Failed(format!("register stdin pipe: {e}")))?;
-                Some(tokio::spawn(async move {
-                    match tokio::io::copy(&mut stream, &mut tx).await {
-                        Ok(_) => tracing::trace!(pid, "stdin reached end of file"),
-                        Err(e) => tracing::debug!(pid, error = %e, "stdin relay ended"),
+                Some(match &resumable {
+                    None => tokio::spawn(async move {
+                        let mut stream = stream;
+                        match tokio::io::copy(&mut stream, &mut tx).await {
+                            Ok(_) => tracing::trace!(pid, "stdin reached end of file"),
+                            Err(e) => tracing::debug!(pid, error = %e, "stdin relay ended"),
+                        }
+                        // Dropping the write end gives the process end-of-file.
+                    }),
+                    Some(redial) => {
+                        let connect = redial.clone().connector(port, stream);
+                        tokio::spawn(async move {
+                            let mut receiver = transport::resumable::Receiver::new(0);
+                            if let Err(e) = receiver.run(connect, &mut tx).await {
+                                tracing::debug!(pid, error = %e, "stdin relay ended");
+                            }
+                        })
                     }
-                    // Dropping the write end gives the process end-of-file.
-                }))
+                })
             }
             None => None,
         };
