@@ -2,9 +2,10 @@
 
 use crate::control::{self, Reply, Request, tag};
 use crate::paths::{self, UvmPaths};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -155,23 +156,19 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
         }));
     }
 
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
+    // Our stdout and stderr, written directly: tokio's stdout hands every write to a blocking
+    // thread, and Rust's std stdout is line-buffered; both cost throughput here.
+    let mut stdout = raw_fd(1);
+    let mut stderr = raw_fd(2);
     let result = loop {
         match control::read_frame(&mut r).await {
             Ok(Some((tag::STDOUT, data))) => {
-                if stdout
-                    .write_all(&data)
-                    .await
-                    .and(stdout.flush().await)
-                    .is_err()
-                {
+                if stdout.write_all(&data).is_err() {
                     break Err("stdout closed".to_string());
                 }
             }
             Ok(Some((tag::STDERR, data))) => {
-                let _ = stderr.write_all(&data).await;
-                let _ = stderr.flush().await;
+                let _ = stderr.write_all(&data);
             }
             Ok(Some((tag::EXIT, data))) if data.len() == 4 => {
                 break Ok(Some(i32::from_le_bytes([
@@ -188,6 +185,14 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
         t.abort();
     }
     result
+}
+
+/// A standard descriptor as a File that is never closed.
+fn raw_fd(fd: i32) -> std::mem::ManuallyDrop<std::fs::File> {
+    // SAFETY: fds 1 and 2 stay open for the life of the process; ManuallyDrop never closes them.
+    std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    })
 }
 
 /// Waits (without polling) for a process to exit, via a pidfd.

@@ -41,6 +41,38 @@ mod vsock;
 
 pub use mux::{MuxRole, MuxSession};
 
+/// Reads once (waiting for data), then keeps taking whatever is already available, without
+/// waiting, until `buf` is full. A relay that forwards one large chunk instead of many small
+/// ones (a writer doing 4 KiB writes into a pipe) makes a fraction of the system calls and
+/// wakeups downstream. Returns 0 only at end of stream.
+pub async fn read_available<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut n = r.read(buf).await?;
+    if n == 0 {
+        return Ok(0);
+    }
+    while n < buf.len() {
+        let more = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf[n..]);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(Some(rb.filled().len()))),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Ready(Ok(None)),
+            }
+        })
+        .await;
+        match more {
+            Ok(Some(m)) if m > 0 => n += m,
+            // Nothing more right now, or end of stream / an error that the next call reports.
+            _ => break,
+        }
+    }
+    Ok(n)
+}
+
 /// How long a connect may take unless the caller says otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 

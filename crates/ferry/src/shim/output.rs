@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncWrite;
 use tokio::sync::watch;
 use transport::BoxStream;
 
@@ -36,9 +36,9 @@ impl OutputLog {
         });
         let l = log.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_PAYLOAD];
+            let mut buf = vec![0u8; 4 * MAX_PAYLOAD];
             loop {
-                let n = match stream.read(&mut buf).await {
+                let n = match transport::read_available(&mut stream, &mut buf).await {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {

@@ -12,6 +12,9 @@ use tokio::net::unix::pipe;
 use tokio::task::JoinHandle;
 use transport::{BoxStream, Transport};
 
+/// Read size for output relays (a pipe holds 64 KiB by default).
+const RELAY_BUFFER: usize = 128 * 1024;
+
 /// The child's ends, ready for spawning.
 pub struct ChildStdio {
     pub stdin: OwnedFd,
@@ -231,11 +234,28 @@ pub async fn prepare(
     ))
 }
 
-async fn pump_out<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+/// Copies in large batches (see [`transport::read_available`]).
+async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut from: R,
+    to: &mut W,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    let mut total = 0;
+    loop {
+        let n = transport::read_available(&mut from, &mut buf).await?;
+        if n == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+    }
+}
+
+async fn pump_out<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    from: R,
     mut to: W,
 ) -> std::io::Result<u64> {
-    let n = tokio::io::copy(&mut from, &mut to).await;
+    let n = relay(from, &mut to).await;
     // A terminal reports EIO once the last slave closes: that is its end-of-file.
     let n = match n {
         Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(0),
