@@ -28,6 +28,8 @@ use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
 const WARMUP: usize = 2_000;
+/// Latency samples are taken in this many alternating batches per kind.
+const LATENCY_BATCHES: usize = 20;
 const IN_FLIGHT: usize = 16;
 const MIN_PIPELINED_REQUESTS: u64 = 50_000;
 /// The agent's own runtime (see its main.rs): the echo baseline uses the same.
@@ -114,6 +116,43 @@ fn vm_rss_kb(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Context switches of every thread of `pid` so far (voluntary ones are mostly sleeps: each is
+/// a thread parking and later being woken).
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+fn per(count: u64, n: u64) -> f64 {
+    round2(count as f64 / n.max(1) as f64)
+}
+
+/// This process's CPU affinity, e.g. "0-1" (children inherit it).
+fn cpus_allowed() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Lets a process settle, then reads its resident set. A fixed pause is fine here: this is a
@@ -221,7 +260,7 @@ async fn start_agent(gcs: &mut Gcs, bin: &Path, log_level: &str) -> Conn {
 // The raw baseline: a fixed-size ping-pong over a Unix socket
 
 /// The echo process: binds `path`, says "ready" on stdout, then for one client answers every
-/// `req` bytes read with `resp` bytes, on the agent's runtime flavour.
+/// `req` bytes read with `resp` bytes, on the agent's runtime flavour (multi-thread, 2 workers).
 fn echo_server(args: &[String]) {
     let [path, req, resp] = args else {
         panic!("usage: {ECHO_ARG} PATH REQ_BYTES RESP_BYTES");
@@ -236,7 +275,9 @@ fn echo_server(args: &[String]) {
         let listener = tokio::net::UnixListener::bind(path).unwrap();
         println!("ready");
         let (s, _) = listener.accept().await.unwrap();
-        echo(s, req, resp).await;
+        // A spawned task runs on a worker, next to the I/O driver; the future given to
+        // block_on runs on the main thread, which every readiness event would have to wake.
+        tokio::spawn(echo(s, req, resp)).await.unwrap();
     });
 }
 
@@ -364,12 +405,49 @@ async fn run(flavour: String) -> Value {
         req_bytes.len()
     );
 
+    // Raw baselines: an echo process like the agent, and an echo task on the host's own
+    // runtime (the floor of a Unix-socket round trip, with no second process to wake).
+    let echo_proc = start_echo_process(&gcs.dir.0, req_bytes.len(), resp_len);
+    let echo_pid = echo_proc.child.id();
+    let rss_echo = idle_rss_kb(echo_pid).await;
+    let mut raw_s = UnixStream::connect(&echo_proc.path).await.unwrap();
+    let (mut same_s, echo_end) = UnixStream::pair().unwrap();
+    let echo_task = tokio::spawn(echo(echo_end, req_bytes.len(), resp_len));
+
     bridge_latency(&conn, &req, WARMUP).await;
-    let bridge = Stats::of(bridge_latency(&conn, &req, n).await);
-    eprintln!("bridge latency p50 {:.1} µs", bridge.p50);
+    raw_latency(&mut raw_s, &req_bytes, resp_len, WARMUP).await;
+    raw_latency(&mut same_s, &req_bytes, resp_len, WARMUP).await;
+
+    // Batches alternate so that all three see the same conditions: on a VM the cost of waking
+    // an idle vCPU drifts with whatever else the host runs, and it dominates a round trip.
+    let me = std::process::id();
+    let (mut bridge_ns, mut raw_ns, mut same_ns) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut agent_cs, mut host_bridge_cs, mut echo_cs, mut host_raw_cs) = (0, 0, 0, 0);
+    for b in 0..LATENCY_BATCHES {
+        let k = n / LATENCY_BATCHES + usize::from(b < n % LATENCY_BATCHES);
+        let (a0, h0) = (ctx_switches(pid), ctx_switches(me));
+        bridge_ns.extend(bridge_latency(&conn, &req, k).await);
+        agent_cs += ctx_switches(pid) - a0;
+        host_bridge_cs += ctx_switches(me) - h0;
+        let (e0, h0) = (ctx_switches(echo_pid), ctx_switches(me));
+        raw_ns.extend(raw_latency(&mut raw_s, &req_bytes, resp_len, k).await);
+        echo_cs += ctx_switches(echo_pid) - e0;
+        host_raw_cs += ctx_switches(me) - h0;
+        same_ns.extend(raw_latency(&mut same_s, &req_bytes, resp_len, k).await);
+    }
+    drop(same_s);
+    let _ = echo_task.await;
+    let (bridge, raw, same_rt) = (Stats::of(bridge_ns), Stats::of(raw_ns), Stats::of(same_ns));
+    eprintln!(
+        "latency p50: bridge {:.1} µs, raw {:.1} µs, raw same runtime {:.1} µs",
+        bridge.p50, raw.p50, same_rt.p50
+    );
 
     let conn = Arc::new(conn);
+    let cs0 = ctx_switches(pid);
     let (b_count, b_secs) = bridge_throughput(conn.clone(), req.clone(), min_secs).await;
+    // Includes the few in-flight requests finished after the count stopped: negligible.
+    let bridge_tp_cs = per(ctx_switches(pid) - cs0, b_count);
     let bridge_rps = b_count as f64 / b_secs;
     eprintln!("bridge throughput {bridge_rps:.0} req/s ({b_count} in {b_secs:.2} s)");
     let rss_after = idle_rss_kb(pid).await;
@@ -382,26 +460,12 @@ async fn run(flavour: String) -> Value {
         });
     drop(conn);
 
-    // Raw baseline in its own process, like the agent.
-    let echo_proc = start_echo_process(&gcs.dir.0, req_bytes.len(), resp_len);
-    let rss_echo = idle_rss_kb(echo_proc.child.id()).await;
-    let mut s = UnixStream::connect(&echo_proc.path).await.unwrap();
-    raw_latency(&mut s, &req_bytes, resp_len, WARMUP).await;
-    let raw = Stats::of(raw_latency(&mut s, &req_bytes, resp_len, n).await);
-    eprintln!("raw latency p50 {:.1} µs", raw.p50);
-    let (r_count, r_secs) = raw_throughput(s, req_bytes.clone(), resp_len, min_secs).await;
+    let cs0 = ctx_switches(echo_pid);
+    let (r_count, r_secs) = raw_throughput(raw_s, req_bytes.clone(), resp_len, min_secs).await;
+    let raw_tp_cs = per(ctx_switches(echo_pid) - cs0, r_count);
     let raw_rps = r_count as f64 / r_secs;
     eprintln!("raw throughput {raw_rps:.0} req/s");
     drop(echo_proc);
-
-    // Echo task on the host's own runtime: the floor of a Unix-socket round trip with no
-    // second process to wake.
-    let (mut a, b) = UnixStream::pair().unwrap();
-    let echo_task = tokio::spawn(echo(b, req_bytes.len(), resp_len));
-    raw_latency(&mut a, &req_bytes, resp_len, WARMUP).await;
-    let same_rt = Stats::of(raw_latency(&mut a, &req_bytes, resp_len, n).await);
-    drop(a);
-    let _ = echo_task.await;
 
     let ratio = bridge.p50 / raw.p50;
     json!({
@@ -410,12 +474,15 @@ async fn run(flavour: String) -> Value {
         "ferry_gcs_bin_bytes": bin_size,
         "ferry_gcs_log_level": log_level,
         "host_runtime": flavour,
+        // Pinning (taskset) changes the picture: no idle CPU to wake, so wake-up latency drops.
+        "cpus_allowed": cpus_allowed(),
         "request": "GetProperties(UVM, ProcessList)",
         "request_frame_bytes": req_bytes.len(),
         "response_frame_bytes": resp_len,
         "latency_us": {
             "n": n,
             "warmup": WARMUP,
+            "interleaved_batches": LATENCY_BATCHES,
             "bridge": bridge.json(),
             "raw_echo_process": raw.json(),
             "raw_echo_same_runtime": same_rt.json(),
@@ -434,6 +501,14 @@ async fn run(flavour: String) -> Value {
             "ratio_raw_over_bridge": round2(raw_rps / bridge_rps),
             "target_bridge_rps": TARGET_RPS,
             "meets_target": bridge_rps >= TARGET_RPS,
+        },
+        "context_switches_per_request": {
+            "ferry_gcs_latency": per(agent_cs, n as u64),
+            "host_latency": per(host_bridge_cs, n as u64),
+            "ferry_gcs_throughput": bridge_tp_cs,
+            "echo_process_latency": per(echo_cs, n as u64),
+            "host_raw_latency": per(host_raw_cs, n as u64),
+            "echo_process_throughput": raw_tp_cs,
         },
         "rss_kb": {
             "ferry_gcs_idle": rss_idle,

@@ -10,7 +10,7 @@ use crate::process::Process;
 use bridge::message::ProcessParameters;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinHandle;
 
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -90,25 +90,29 @@ pub struct Running {
 /// process has no pipe for is ignored (and a writer gets no output).
 pub fn attach(process: Arc<Process>, streams: Streams) -> Running {
     let mut outputs = Vec::new();
-    if let (Some(mut from), Some(mut to)) = (process.take_stdout(), streams.stdout) {
-        outputs.push(tokio::spawn(async move {
-            let n = tokio::io::copy(&mut from, &mut to).await?;
-            to.flush().await?;
-            Ok(n)
-        }));
-    }
-    if let (Some(mut from), Some(mut to)) = (process.take_stderr(), streams.stderr) {
-        outputs.push(tokio::spawn(async move {
-            let n = tokio::io::copy(&mut from, &mut to).await?;
-            to.flush().await?;
-            Ok(n)
-        }));
+    for (pipe, sink) in [
+        (process.take_stdout(), streams.stdout),
+        (process.take_stderr(), streams.stderr),
+    ] {
+        if let (Some(pipe), Some(mut to)) = (pipe, sink) {
+            outputs.push(tokio::spawn(async move { pipe.copy_to(&mut to).await }));
+        }
     }
     let stdin = match (process.take_stdin(), streams.stdin) {
         (Some(mut to), Some(mut from)) => Some(tokio::spawn(async move {
-            let n = tokio::io::copy(&mut from, &mut to).await?;
-            // Half-close: the process sees end-of-file, its output can still come back.
-            to.shutdown().await?;
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut n = 0u64;
+            loop {
+                let got = from.read(&mut buf).await?;
+                if got == 0 {
+                    break;
+                }
+                to.write_all(&buf[..got]).await?;
+                n += got as u64;
+            }
+            // End of input: the process sees end-of-file, its output can still come back.
+            to.close().await?;
             Ok(n)
         })),
         _ => None,

@@ -4,6 +4,7 @@
 use crate::error::{HostError, Result};
 use crate::guest_connection::GuestConnection;
 use crate::process::{Process, ProcessIo};
+use crate::stdio::{InputPipe, OutputPipe};
 use bridge::JsonString;
 use bridge::UVM_CONTAINER_ID;
 use bridge::message::{
@@ -173,6 +174,10 @@ impl Container {
         params.create_std_in_pipe = pipes.stdin;
         params.create_std_out_pipe = pipes.stdout;
         params.create_std_err_pipe = pipes.stderr;
+        // Resumable streams whenever the guest offers them: a host restart or a migration then
+        // loses no byte.
+        let resumable = self.conn.capabilities().ferry_resumable_stdio >= 1;
+        params.ferry_resumable_stdio = resumable;
         let r = self
             .conn
             .call(Request::ExecuteProcess(ExecuteProcessRequest {
@@ -187,8 +192,8 @@ impl Container {
             return Err(HostError::Protocol("wrong answer to ExecuteProcess".into()));
         };
         let mut io = ProcessIo::default();
-        for (i, l) in listeners.iter_mut().enumerate() {
-            let Some(l) = l else { continue };
+        for (i, l) in listeners.into_iter().enumerate() {
+            let Some(mut l) = l else { continue };
             let s = tokio::time::timeout(STDIO_ACCEPT_TIMEOUT, l.accept())
                 .await
                 .map_err(|_| {
@@ -198,10 +203,27 @@ impl Container {
                         e.process_id
                     ))
                 })??;
+            let output = |l, s| {
+                if resumable {
+                    OutputPipe::Resumable {
+                        listener: l,
+                        first: Some(s),
+                        received: 0,
+                    }
+                } else {
+                    OutputPipe::Raw(s)
+                }
+            };
             match i {
-                0 => io.stdin = Some(s),
-                1 => io.stdout = Some(s),
-                _ => io.stderr = Some(s),
+                0 => {
+                    io.stdin = Some(if resumable {
+                        InputPipe::resumable(l, s)
+                    } else {
+                        InputPipe::Raw(s)
+                    })
+                }
+                1 => io.stdout = Some(output(l, s)),
+                _ => io.stderr = Some(output(l, s)),
             }
         }
         Process::started(

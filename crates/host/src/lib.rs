@@ -10,9 +10,11 @@ pub mod container;
 pub mod error;
 pub mod guest_connection;
 pub mod process;
+pub mod stdio;
 
 pub use cmd::{Command, Running, Streams, attach};
 pub use container::{Container, Pipes};
 pub use error::{HostError, Result};
 pub use guest_connection::{ConnectionOptions, GuestConnection};
 pub use process::{MigrationState, Process};
+pub use stdio::{InputPipe, OutputPipe};

@@ -4,6 +4,7 @@
 
 use crate::error::{HostError, Result};
 use crate::guest_connection::GuestConnection;
+use crate::stdio::{InputPipe, OutputPipe};
 use bridge::message::{
     Request, RequestBase, ResizeConsoleRequest, Response, SignalProcessOptions,
     SignalProcessRequest, WaitForProcessRequest,
@@ -12,7 +13,6 @@ use bridge::{INFINITE_WAIT, Rpc};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use tokio::sync::{oneshot, watch};
-use transport::BoxStream;
 
 /// What the save path records per process (hcsshim's `cow.MigrationState`): the stdio ports
 /// (0 = no pipe) and the id of the outstanding WaitForProcess call.
@@ -27,9 +27,9 @@ pub struct MigrationState {
 /// The host ends of a process's stdio (None where no pipe was asked for, or already taken).
 #[derive(Default)]
 pub struct ProcessIo {
-    pub stdin: Option<BoxStream>,
-    pub stdout: Option<BoxStream>,
-    pub stderr: Option<BoxStream>,
+    pub stdin: Option<InputPipe>,
+    pub stdout: Option<OutputPipe>,
+    pub stderr: Option<OutputPipe>,
 }
 
 pub struct Process {
@@ -172,7 +172,7 @@ impl Process {
     }
 
     /// Takes the host end of stdin (None if there is no pipe or it was taken).
-    pub fn take_stdin(&self) -> Option<BoxStream> {
+    pub fn take_stdin(&self) -> Option<InputPipe> {
         self.io
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -180,7 +180,7 @@ impl Process {
             .take()
     }
 
-    pub fn take_stdout(&self) -> Option<BoxStream> {
+    pub fn take_stdout(&self) -> Option<OutputPipe> {
         self.io
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -188,7 +188,7 @@ impl Process {
             .take()
     }
 
-    pub fn take_stderr(&self) -> Option<BoxStream> {
+    pub fn take_stderr(&self) -> Option<OutputPipe> {
         self.io
             .lock()
             .unwrap_or_else(|p| p.into_inner())

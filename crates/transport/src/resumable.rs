@@ -29,6 +29,8 @@ use tokio::sync::Notify;
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Default bound on unacknowledged bytes a sender keeps.
 pub const DEFAULT_WINDOW: usize = 4 << 20;
+/// A receiver acknowledges at least this often, and whenever the sender pauses.
+const ACK_EVERY: u64 = 256 * 1024;
 /// How long the peer may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -85,11 +87,12 @@ enum Frame {
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> {
-    let mut head = [0u8; 5];
-    head[0] = kind;
-    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    w.write_all(&head).await?;
-    w.write_all(payload).await?;
+    // One write per frame: header and payload together.
+    let mut frame = Vec::with_capacity(5 + payload.len());
+    frame.push(kind);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(payload);
+    w.write_all(&frame).await?;
     w.flush().await
 }
 
@@ -440,7 +443,7 @@ impl Receiver {
                 }
             }
         }
-        sink.shutdown().await
+        sink.flush().await
     }
 
     /// One connection: bytes go to `sink` and are acknowledged once written there.
@@ -454,8 +457,11 @@ impl Receiver {
             eof: self.eof,
         };
         exchange_hello(&mut s, hello).await?;
+        let (r, mut w) = tokio::io::split(s);
+        let mut r = tokio::io::BufReader::with_capacity(2 * MAX_CHUNK, r);
+        let mut acked = self.received;
         while !self.eof {
-            match read_frame(&mut s).await? {
+            match read_frame(&mut r).await? {
                 Some(Frame::Data(d)) => {
                     // Count exactly what the sink took, even if it fails part-way: those bytes
                     // must not come again.
@@ -482,10 +488,25 @@ impl Receiver {
                     ));
                 }
             }
-            write_ack(&mut s, self.received, self.eof).await?;
+            // Acknowledge in batches, and whenever the sender has paused (nothing more is
+            // waiting): a sender blocked on a full window is always released.
+            if self.eof || self.received - acked >= ACK_EVERY || !more_waiting(&mut r).await {
+                write_ack(&mut w, self.received, self.eof).await?;
+                acked = self.received;
+            }
         }
         Ok(())
     }
+}
+
+/// True when more bytes can be read right now without waiting.
+async fn more_waiting<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> bool {
+    std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *r).poll_fill_buf(cx) {
+        std::task::Poll::Ready(Ok(buf)) => std::task::Poll::Ready(!buf.is_empty()),
+        std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(false),
+        std::task::Poll::Pending => std::task::Poll::Ready(false),
+    })
+    .await
 }
 
 #[cfg(test)]

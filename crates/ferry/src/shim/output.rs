@@ -4,6 +4,7 @@
 //! and output produced while nobody was attached is still there.
 
 use crate::control::{self, MAX_PAYLOAD};
+use host::OutputPipe;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -11,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
-use transport::BoxStream;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -21,37 +21,65 @@ pub struct Progress {
     pub done: bool,
 }
 
+/// Appends to the log file and tells followers. Page-cache writes: fast enough to do inline.
+struct LogSink {
+    file: File,
+    log: Arc<OutputLog>,
+}
+
+impl AsyncWrite for LogSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let n = match self.file.write(buf) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(path = %self.log.path.display(), error = %e, "cannot write captured output");
+                return std::task::Poll::Ready(Err(e));
+            }
+        };
+        self.log.progress.send_modify(|p| p.written += n as u64);
+        std::task::Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 pub struct OutputLog {
     path: PathBuf,
     progress: watch::Sender<Progress>,
 }
 
 impl OutputLog {
-    /// Starts copying `stream` into a new file at `path`.
-    pub fn capture(path: &Path, mut stream: BoxStream) -> std::io::Result<Arc<OutputLog>> {
-        let mut file = File::create(path)?;
+    /// Starts copying the process's output into a new file at `path`.
+    pub fn capture(path: &Path, pipe: OutputPipe) -> std::io::Result<Arc<OutputLog>> {
+        let file = File::create(path)?;
         let log = Arc::new(OutputLog {
             path: path.to_path_buf(),
             progress: watch::channel(Progress::default()).0,
         });
         let l = log.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4 * MAX_PAYLOAD];
-            loop {
-                let n = match transport::read_available(&mut stream, &mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(path = %l.path.display(), error = %e, "output stream failed");
-                        break;
-                    }
-                };
-                // Page-cache writes: fast enough to do inline, and the ordering is trivial.
-                if let Err(e) = file.write_all(&buf[..n]) {
-                    tracing::error!(path = %l.path.display(), error = %e, "cannot write captured output; dropping it");
-                    continue;
-                }
-                l.progress.send_modify(|p| p.written += n as u64);
+            let mut sink = LogSink {
+                file,
+                log: l.clone(),
+            };
+            if let Err(e) = pipe.copy_to(&mut sink).await {
+                tracing::warn!(path = %l.path.display(), error = %e, "output stream failed");
             }
             l.progress.send_modify(|p| p.done = true);
         });

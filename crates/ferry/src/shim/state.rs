@@ -1,6 +1,7 @@
 //! What the shim knows about the containers and processes in its UVM.
 
 use super::output::OutputLog;
+use host::InputPipe;
 use host::{Container, Process};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -8,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-use transport::BoxStream;
 
 /// How long output may keep flowing after the exit before the exit is reported anyway.
 const OUTPUT_GRACE: Duration = Duration::from_secs(10);
@@ -24,7 +24,7 @@ pub struct ProcRec {
     pub is_init: bool,
     pub process: Arc<Process>,
     /// The stdin pipe, while no client holds it.
-    pub stdin: tokio::sync::Mutex<Option<BoxStream>>,
+    pub stdin: tokio::sync::Mutex<Option<InputPipe>>,
     pub stdout: Option<Arc<OutputLog>>,
     pub stderr: Option<Arc<OutputLog>>,
     /// Set once the process has exited and its output is all captured.

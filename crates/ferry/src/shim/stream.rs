@@ -3,10 +3,10 @@
 
 use super::state::ProcRec;
 use crate::control::{self, tag};
+use host::InputPipe;
 use std::sync::Arc;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use transport::BoxStream;
 
 pub struct StreamPlan {
     pub rec: Arc<ProcRec>,
@@ -75,12 +75,12 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
     }
 }
 
-/// Applies the client's frames; returns the stdin stream if the client left without closing it.
+/// Applies the client's frames; returns the stdin pipe if the client left without closing it.
 async fn input_loop(
     mut r: BufReader<OwnedReadHalf>,
-    mut stdin: Option<BoxStream>,
+    mut stdin: Option<InputPipe>,
     rec: Arc<ProcRec>,
-) -> Option<BoxStream> {
+) -> Option<InputPipe> {
     loop {
         let (t, payload) = match control::read_frame(&mut r).await {
             Ok(Some(f)) => f,
@@ -96,8 +96,8 @@ async fn input_loop(
                 }
             }
             tag::STDIN_EOF => {
-                if let Some(mut s) = stdin.take() {
-                    let _ = s.shutdown().await;
+                if let Some(s) = stdin.take() {
+                    let _ = s.close().await;
                 }
             }
             tag::RESIZE if payload.len() == 4 => {

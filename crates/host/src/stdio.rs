@@ -1,0 +1,110 @@
+//! The host ends of a process's stdio pipes.
+//!
+//! With a guest that offers ferry's resumable stdio, each pipe is a resumable stream: the
+//! port stays listened on, the guest dials again after any break, and both sides resume at the
+//! exact byte. With a plain hcsshim guest, each pipe is one raw connection.
+
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::Mutex;
+use transport::resumable::{self, Receiver};
+use transport::{BoxStream, Listener};
+
+type Connect = Box<
+    dyn FnMut()
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<BoxStream>> + Send>>
+        + Send,
+>;
+
+/// Connections for one port: the first one already accepted, then whatever the guest dials.
+fn connector(listener: Listener, first: Option<BoxStream>) -> Connect {
+    let listener = Arc::new(Mutex::new(listener));
+    let mut first = first;
+    Box::new(move || {
+        let first = first.take();
+        let listener = listener.clone();
+        Box::pin(async move {
+            match first {
+                Some(s) => Ok(s),
+                None => listener
+                    .lock()
+                    .await
+                    .accept()
+                    .await
+                    .map_err(|e| io::Error::new(io::ErrorKind::NotConnected, e.to_string())),
+            }
+        })
+    })
+}
+
+/// A process's stdout or stderr.
+pub enum OutputPipe {
+    Raw(BoxStream),
+    Resumable {
+        listener: Listener,
+        first: Option<BoxStream>,
+        /// Bytes the host already has (0 for a new process; a log's length after a restore).
+        received: u64,
+    },
+}
+
+impl OutputPipe {
+    /// Copies the process's output into `sink` until its end — across any number of guest
+    /// reconnections for a resumable pipe. Returns the total offset reached.
+    pub async fn copy_to<W: AsyncWrite + Unpin>(self, sink: &mut W) -> io::Result<u64> {
+        match self {
+            OutputPipe::Raw(mut s) => {
+                let n = tokio::io::copy(&mut s, sink).await?;
+                sink.flush().await?;
+                Ok(n)
+            }
+            OutputPipe::Resumable {
+                listener,
+                first,
+                received,
+            } => {
+                let mut receiver = Receiver::new(received);
+                receiver.run(connector(listener, first), sink).await?;
+                Ok(receiver.received())
+            }
+        }
+    }
+}
+
+/// A process's stdin.
+pub enum InputPipe {
+    Raw(BoxStream),
+    Resumable {
+        sender: resumable::Sender,
+        delivery: tokio::task::JoinHandle<io::Result<()>>,
+    },
+}
+
+impl InputPipe {
+    pub(crate) fn resumable(listener: Listener, first: BoxStream) -> InputPipe {
+        let (sender, driver) = resumable::sender(resumable::DEFAULT_WINDOW);
+        let delivery = tokio::spawn(driver.run(connector(listener, Some(first))));
+        InputPipe::Resumable { sender, delivery }
+    }
+
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            InputPipe::Raw(s) => s.write_all(data).await,
+            InputPipe::Resumable { sender, .. } => sender.write_all(data).await,
+        }
+    }
+
+    /// Ends the input: the process sees end-of-file once everything before has arrived.
+    pub async fn close(self) -> io::Result<()> {
+        match self {
+            InputPipe::Raw(mut s) => s.shutdown().await,
+            InputPipe::Resumable { sender, delivery } => {
+                sender.finish();
+                // Delivery goes on in the background (across reconnections if need be).
+                drop(delivery);
+                Ok(())
+            }
+        }
+    }
+}
