@@ -100,6 +100,9 @@ pub enum Command {
         name: String,
         #[arg(long)]
         isolate: Option<bool>,
+        /// Take over the running UVM this snapshot describes.
+        #[arg(long)]
+        restore: Option<PathBuf>,
     },
     /// (internal) The guest agent, as `ferry-gcs`.
     #[command(hide = true)]
@@ -123,6 +126,18 @@ pub enum UvmCommand {
     Inspect { name: String },
     /// Delete a stopped UVM's directory (logs included).
     Rm { name: String },
+    /// Save the host side's view of a running UVM to a snapshot and stop its host process;
+    /// the UVM and every process in it keep running. `ferry uvm restore` takes it back.
+    Save {
+        name: String,
+        /// Where to write the snapshot (default: <state>/uvms/NAME/snapshot).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+    /// Start a new host process for the running UVM a snapshot describes.
+    Restore { snapshot: PathBuf },
+    /// Replace a UVM's host process (save, then restore) without touching its workload.
+    Upgrade { name: String },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -194,20 +194,3 @@ fn raw_fd(fd: i32) -> std::mem::ManuallyDrop<std::fs::File> {
         <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd)
     })
 }
-
-/// Waits (without polling) for a process to exit, via a pidfd.
-pub async fn wait_pid_exit(pid: u32, timeout: std::time::Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        // Already gone (ESRCH) or no pidfd support.
-        return true;
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    // SAFETY: the fd is owned by the AsyncFd for its whole life and never closed behind it.
-    let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(owned) }) else {
-        return false;
-    };
-    tokio::time::timeout(timeout, afd.readable()).await.is_ok()
-}

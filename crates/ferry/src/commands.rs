@@ -222,7 +222,48 @@ pub async fn ps(root: &Path, uvm: &str, container: Option<String>, json: bool) -
 
 pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
     match cmd {
-        UvmCommand::Start { name, no_isolate } => uvm_start(root, &name, no_isolate, json).await,
+        UvmCommand::Start { name, no_isolate } => {
+            paths::validate_uvm_name(&name)?;
+            if client::request(root, &name, &Request::Info).await.is_ok() {
+                return Err(format!("UVM {name:?} is already running"));
+            }
+            let extra: &[&str] = if no_isolate {
+                &["--isolate=false"]
+            } else {
+                &[]
+            };
+            let pid = spawn_shim(root, &name, extra).await?;
+            report_started(&name, pid, &UvmPaths::new(root, &name), json);
+            Ok(0)
+        }
+        UvmCommand::Save { name, to } => {
+            let path = uvm_save(root, &name, to).await?;
+            if json {
+                print_json(&serde_json::json!({"snapshot": path}));
+            } else {
+                println!("{}", path.display());
+            }
+            Ok(0)
+        }
+        UvmCommand::Restore { snapshot } => {
+            let name = uvm_restore(root, &snapshot).await?;
+            if json {
+                print_json(&serde_json::json!({"restored": name}));
+            } else {
+                println!("{name}");
+            }
+            Ok(0)
+        }
+        UvmCommand::Upgrade { name } => {
+            let path = uvm_save(root, &name, None).await?;
+            uvm_restore(root, &path).await?;
+            if json {
+                print_json(&serde_json::json!({"upgraded": name}));
+            } else {
+                println!("{name}");
+            }
+            Ok(0)
+        }
         UvmCommand::Stop { name } => uvm_stop(root, &name, json).await,
         UvmCommand::Ls => uvm_ls(root, json).await,
         UvmCommand::Inspect { name } => {
@@ -254,11 +295,16 @@ fn log_tail(path: &Path, lines: usize) -> String {
     tail.into_iter().rev().map(|l| format!("\n  {l}")).collect()
 }
 
-async fn uvm_start(root: &Path, name: &str, no_isolate: bool, json: bool) -> Outcome {
-    paths::validate_uvm_name(name)?;
-    if client::request(root, name, &Request::Info).await.is_ok() {
-        return Err(format!("UVM {name:?} is already running"));
+fn report_started(name: &str, shim_pid: u32, p: &UvmPaths, json: bool) {
+    if json {
+        print_json(&serde_json::json!({"name": name, "shim_pid": shim_pid, "state_dir": p.dir}));
+    } else {
+        println!("{name}");
     }
+}
+
+/// Starts a shim for `name` as a daemon and waits until it reports ready (or why not).
+async fn spawn_shim(root: &Path, name: &str, extra: &[&str]) -> Result<u32, String> {
     let p = UvmPaths::new(root, name);
     std::fs::create_dir_all(&p.dir)
         .map_err(|e| format!("cannot create {}: {e}", p.dir.display()))?;
@@ -272,10 +318,10 @@ async fn uvm_start(root: &Path, name: &str, no_isolate: bool, json: bool) -> Out
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("shim").arg(name).env("FERRY_STATE_DIR", root);
-    if no_isolate {
-        cmd.arg("--isolate=false");
-    }
+    cmd.arg("shim")
+        .arg(name)
+        .args(extra)
+        .env("FERRY_STATE_DIR", root);
     let log_err = log.try_clone().map_err(|e| format!("log: {e}"))?;
     cmd.stdin(std::process::Stdio::null())
         .stdout(log)
@@ -314,16 +360,9 @@ async fn uvm_start(root: &Path, name: &str, no_isolate: bool, json: bool) -> Out
         .unwrap_or_default();
     let ready = ready.trim();
     if ready == "ok" {
-        if json {
-            print_json(
-                &serde_json::json!({"name": name, "shim_pid": shim_pid, "state_dir": p.dir}),
-            );
-        } else {
-            println!("{name}");
-        }
-        Ok(0)
+        Ok(shim_pid)
     } else if let Some(e) = ready.strip_prefix("error: ") {
-        Err(format!("UVM {name:?} failed to start: {e}"))
+        Err(format!("UVM {name:?}: {e}"))
     } else {
         Err(format!(
             "the shim for UVM {name:?} exited during start-up; last lines of {}:{}",
@@ -333,11 +372,55 @@ async fn uvm_start(root: &Path, name: &str, no_isolate: bool, json: bool) -> Out
     }
 }
 
+async fn uvm_save(
+    root: &Path,
+    name: &str,
+    to: Option<std::path::PathBuf>,
+) -> Result<std::path::PathBuf, String> {
+    let (info, _) = client::request(root, name, &Request::Info).await?;
+    let to = to.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let (data, _) = client::request(
+        root,
+        name,
+        &Request::Save {
+            to: to.map(|p| p.display().to_string()),
+        },
+    )
+    .await?;
+    // The shim exits after answering; the UVM keeps running.
+    if let Some(pid) = info["shim_pid"].as_u64()
+        && !uvm::local::wait_pid_exit(pid as u32, Duration::from_secs(15)).await
+    {
+        return Err(format!(
+            "the snapshot is written but the old shim (pid {pid}) is still running"
+        ));
+    }
+    Ok(data["snapshot"]
+        .as_str()
+        .map(Into::into)
+        .unwrap_or_default())
+}
+
+async fn uvm_restore(root: &Path, snapshot: &Path) -> Result<String, String> {
+    let snap = crate::snapshot::read(snapshot).map_err(|e| e.to_string())?;
+    let name = snap.uvm.name.clone();
+    paths::validate_uvm_name(&name)?;
+    if let Ok((info, _)) = client::request(root, &name, &Request::Info).await {
+        return Err(format!(
+            "UVM {name:?} is already served by a host process (shim pid {}); this snapshot was already restored or is stale",
+            info["shim_pid"]
+        ));
+    }
+    let path = std::path::absolute(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
+    spawn_shim(root, &name, &["--restore", &path.display().to_string()]).await?;
+    Ok(name)
+}
+
 async fn uvm_stop(root: &Path, name: &str, json: bool) -> Outcome {
     let (info, _) = client::request(root, name, &Request::Info).await?;
     client::request(root, name, &Request::Stop).await?;
     if let Some(pid) = info["shim_pid"].as_u64()
-        && !client::wait_pid_exit(pid as u32, Duration::from_secs(15)).await
+        && !uvm::local::wait_pid_exit(pid as u32, Duration::from_secs(15)).await
     {
         return Err(format!(
             "UVM {name:?} stopped but its shim (pid {pid}) is still running"

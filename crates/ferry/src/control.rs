@@ -53,6 +53,8 @@ pub enum Request {
     Info,
     /// Stop the UVM and the shim.
     Stop,
+    /// Write a snapshot and stop the shim, leaving the UVM running.
+    Save { to: Option<String> },
     /// Create a container and start its init process.
     Run {
         id: Option<String>,

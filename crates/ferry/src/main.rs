@@ -4,6 +4,7 @@ mod commands;
 mod control;
 mod paths;
 mod shim;
+mod snapshot;
 mod spec;
 
 use clap::Parser;
@@ -45,9 +46,13 @@ fn main() -> ExitCode {
     let json = cli.json;
     let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Shim { name, isolate } => {
+            Command::Shim {
+                name,
+                isolate,
+                restore,
+            } => {
                 init_logging("info");
-                Ok(shim::run(&name, root, isolate).await)
+                Ok(shim::run(&name, root, isolate, restore).await)
             }
             other => {
                 init_logging("warn");

@@ -47,6 +47,13 @@ impl Default for ConnectionOptions {
     }
 }
 
+/// The saved part of a connection (see [`GuestConnection::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConnectionState {
+    pub next_id: u64,
+    pub next_port: u32,
+}
+
 type Reply = oneshot::Sender<Result<Response>>;
 
 struct Pending {
@@ -87,6 +94,19 @@ impl GuestConnection {
         stream: BoxStream,
         options: ConnectionOptions,
     ) -> Result<GuestConnection> {
+        Self::connect_prepared(transport, stream, options, |_| {}).await
+    }
+
+    /// Like [`connect`](Self::connect), but runs `prepare` on the connection before the
+    /// negotiation is sent: the restore path registers its containers and adopts its saved
+    /// wait ids there, so that answers and notifications the guest queued while no host was
+    /// connected — sent right after negotiation — find them.
+    pub async fn connect_prepared(
+        transport: Transport,
+        stream: BoxStream,
+        options: ConnectionOptions,
+        prepare: impl FnOnce(&GuestConnection),
+    ) -> Result<GuestConnection> {
         let (reader, writer) = tokio::io::split(stream);
         let (tx, rx) = mpsc::channel(options.send_queue.max(1));
         let conn = GuestConnection {
@@ -105,6 +125,7 @@ impl GuestConnection {
         };
         tokio::spawn(write_loop(conn.inner.clone(), writer, rx));
         tokio::spawn(read_loop(conn.inner.clone(), reader));
+        prepare(&conn);
 
         let negotiate = Request::NegotiateProtocol(NegotiateProtocolRequest {
             base: RequestBase::default(),
@@ -183,6 +204,21 @@ impl GuestConnection {
     }
 
     // -- ids and ports ---------------------------------------------------------------------
+
+    /// What a restored host needs from this connection: the id and port floors.
+    pub fn state(&self) -> ConnectionState {
+        ConnectionState {
+            next_id: self.next_id(),
+            next_port: self.next_port(),
+        }
+    }
+
+    /// Raises the id and port floors to a saved state's (never lowers them), so nothing new
+    /// collides with what is adopted from it.
+    pub fn restore_floors(&self, saved: &ConnectionState) {
+        self.seed_next_id(saved.next_id);
+        self.set_next_port(saved.next_port);
+    }
 
     /// The id the next request will get.
     pub fn next_id(&self) -> u64 {

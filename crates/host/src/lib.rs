@@ -15,6 +15,6 @@ pub mod stdio;
 pub use cmd::{Command, Running, Streams, attach};
 pub use container::{Container, Pipes};
 pub use error::{HostError, Result};
-pub use guest_connection::{ConnectionOptions, GuestConnection};
+pub use guest_connection::{ConnectionOptions, ConnectionState, GuestConnection};
 pub use process::{MigrationState, Process};
 pub use stdio::{InputPipe, OutputPipe};

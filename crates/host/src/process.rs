@@ -5,11 +5,11 @@
 use crate::error::{HostError, Result};
 use crate::guest_connection::GuestConnection;
 use crate::stdio::{InputPipe, OutputPipe};
+use bridge::INFINITE_WAIT;
 use bridge::message::{
     Request, RequestBase, ResizeConsoleRequest, Response, SignalProcessOptions,
     SignalProcessRequest, WaitForProcessRequest,
 };
-use bridge::{INFINITE_WAIT, Rpc};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use tokio::sync::{oneshot, watch};
@@ -112,16 +112,19 @@ impl Process {
         })
     }
 
-    /// Re-attaches to a process another host started (the restore path): adopts its
-    /// outstanding wait under the saved id without sending a new one, then probes once whether
-    /// it already exited while no host was connected (its original answer would be lost).
-    pub async fn adopt(
+    /// Re-attaches to a process another host started (the restore path): `adopted` is its
+    /// outstanding wait, registered under the saved id (see
+    /// [`GuestConnection::register_pending`]) without sending a new one. Probes once whether
+    /// the process already exited while no host was connected (the original answer may have
+    /// been lost), and takes whichever answer comes first.
+    pub fn adopt(
         conn: GuestConnection,
         container_id: &str,
         pid: u32,
         state: MigrationState,
-    ) -> Result<Process> {
-        let adopted = conn.register_pending(state.wait_call_id, Rpc::WaitForProcess)?;
+        adopted: oneshot::Receiver<Result<Response>>,
+        io: ProcessIo,
+    ) -> Process {
         let (tx, exit) = watch::channel(None);
         let probe_conn = conn.clone();
         let probe = wait_request(container_id, pid, 0);
@@ -145,14 +148,14 @@ impl Process {
             };
             let _ = tx.send(Some(code));
         });
-        Ok(Process {
+        Process {
             container_id: container_id.to_string(),
             pid,
             state,
-            io: Mutex::new(ProcessIo::default()),
+            io: Mutex::new(io),
             exit,
             conn,
-        })
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -82,9 +82,11 @@ pub enum InputPipe {
 }
 
 impl InputPipe {
-    pub(crate) fn resumable(listener: Listener, first: BoxStream) -> InputPipe {
+    /// A resumable stdin on `listener`; `first` is a connection already accepted (none when
+    /// restoring: the guest dials again).
+    pub fn resumable(listener: Listener, first: Option<BoxStream>) -> InputPipe {
         let (sender, driver) = resumable::sender(resumable::DEFAULT_WINDOW);
-        let delivery = tokio::spawn(driver.run(connector(listener, Some(first))));
+        let delivery = tokio::spawn(driver.run(connector(listener, first)));
         InputPipe::Resumable { sender, delivery }
     }
 
@@ -107,4 +109,36 @@ impl InputPipe {
             }
         }
     }
+}
+
+/// Listens again on a restored process's saved stdio ports (resumable streams: the guest dials
+/// them again and each resumes at the offset the host holds).
+pub async fn reopen(
+    transport: &transport::Transport,
+    state: &crate::MigrationState,
+    stdout_offset: u64,
+    stderr_offset: u64,
+) -> crate::Result<crate::process::ProcessIo> {
+    let mut io = crate::process::ProcessIo::default();
+    if state.stdin_port != 0 {
+        io.stdin = Some(InputPipe::resumable(
+            transport.listen(state.stdin_port).await?,
+            None,
+        ));
+    }
+    if state.stdout_port != 0 {
+        io.stdout = Some(OutputPipe::Resumable {
+            listener: transport.listen(state.stdout_port).await?,
+            first: None,
+            received: stdout_offset,
+        });
+    }
+    if state.stderr_port != 0 {
+        io.stderr = Some(OutputPipe::Resumable {
+            listener: transport.listen(state.stderr_port).await?,
+            first: None,
+            received: stderr_offset,
+        });
+    }
+    Ok(io)
 }

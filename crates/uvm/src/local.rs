@@ -61,6 +61,8 @@ pub fn is_root() -> bool {
 pub struct LocalUvm {
     config: LocalConfig,
     child: Option<Child>,
+    /// The agent, when this host process did not start it (a restored host).
+    adopted: Option<u32>,
     pid: Option<u32>,
     bridge: Option<Listener>,
     conn: Option<GuestConnection>,
@@ -74,6 +76,7 @@ impl LocalUvm {
         LocalUvm {
             config,
             child: None,
+            adopted: None,
             pid: None,
             bridge: None,
             conn: None,
@@ -97,10 +100,72 @@ impl LocalUvm {
 
     /// True while the agent process exists.
     pub fn is_running(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
+        match (&mut self.child, self.adopted) {
+            (Some(c), _) => matches!(c.try_wait(), Ok(None)),
+            (None, Some(pid)) => pid_alive(pid),
+            _ => false,
         }
+    }
+
+    /// The agent's pid (what a restored host reattaches to).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.pid
+    }
+
+    /// Takes over a running agent another host process started: listens on the bridge socket
+    /// again and accepts the agent's next dial (it re-dials every 100 ms once its old host is
+    /// gone). `prepare` runs on the connection before negotiation (see
+    /// [`GuestConnection::connect_prepared`]).
+    pub async fn reattach(
+        config: LocalConfig,
+        agent_pid: u32,
+        prepare: impl FnOnce(&GuestConnection),
+    ) -> Result<(LocalUvm, GuestConnection)> {
+        if !pid_alive(agent_pid) {
+            return Err(UvmError::Start(format!(
+                "the UVM's agent (pid {agent_pid}) is gone: the UVM no longer exists"
+            )));
+        }
+        let cmdline = std::fs::read(format!("/proc/{agent_pid}/cmdline")).unwrap_or_default();
+        let is_agent = cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == b"gcs" || arg.ends_with(b"ferry-gcs"));
+        if !is_agent {
+            return Err(UvmError::Start(format!(
+                "pid {agent_pid} is not a ferry guest agent any more (the UVM is gone and its pid was reused)"
+            )));
+        }
+        let mut uvm = LocalUvm::new(config);
+        let transport = uvm.transport();
+        let mut bridge = transport
+            .listen(bridge::BRIDGE_PORT)
+            .await
+            .map_err(|e| UvmError::Start(format!("listen on the bridge socket: {e}")))?;
+        let timeout = uvm.config.connect_timeout;
+        let stream = tokio::time::timeout(timeout, bridge.accept())
+            .await
+            .map_err(|_| {
+                UvmError::Start(format!(
+                    "the agent (pid {agent_pid}) did not reconnect within {timeout:?}; is another host process serving it?"
+                ))
+            })?
+            .map_err(|e| UvmError::Start(format!("accept the agent's bridge connection: {e}")))?;
+        let conn = GuestConnection::connect_prepared(
+            transport,
+            stream,
+            uvm.config.connection.clone(),
+            prepare,
+        )
+        .await?;
+        let cg = Path::new("/sys/fs/cgroup/ferry").join(&uvm.config.name);
+        uvm.cgroup = cg.exists().then_some(cg);
+        uvm.adopted = Some(agent_pid);
+        uvm.pid = Some(agent_pid);
+        uvm.bridge = Some(bridge);
+        uvm.conn = Some(conn.clone());
+        uvm.started_at = Some(SystemTime::now());
+        tracing::info!(name = %uvm.config.name, pid = agent_pid, "reattached to a running local UVM");
+        Ok((uvm, conn))
     }
 
     /// Resolves when the agent process exits; returns its exit status text.
@@ -257,9 +322,11 @@ impl UtilityVm for LocalUvm {
     }
 
     async fn stop(&mut self, grace: Duration) -> Result<()> {
-        let Some(mut child) = self.child.take() else {
+        let child = self.child.take();
+        let adopted = self.adopted.take();
+        if child.is_none() && adopted.is_none() {
             return Err(UvmError::NotRunning);
-        };
+        }
         if self.paused {
             let _ = self.freeze(false);
         }
@@ -269,12 +336,22 @@ impl UtilityVm for LocalUvm {
                 tracing::debug!(error = %e, "shutdown request failed; killing the agent");
             }
         }
-        match tokio::time::timeout(grace, child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
-                let _ = child.kill().await;
+        match (child, adopted) {
+            (Some(mut child), _) => {
+                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                    tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
+                    let _ = child.kill().await;
+                }
             }
+            (None, Some(pid)) => {
+                if !wait_pid_exit(pid, grace).await {
+                    tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
+                    // SAFETY: kill with a pid and a signal number.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    wait_pid_exit(pid, grace).await;
+                }
+            }
+            (None, None) => unreachable!("checked above"),
         }
         // The agent was PID 1 of its namespace: everything in it is gone too.
         self.bridge = None;
@@ -304,7 +381,7 @@ impl UtilityVm for LocalUvm {
         UvmProperties {
             name: self.config.name.clone(),
             backend: "local",
-            running: self.child.is_some(),
+            running: self.child.is_some() || self.adopted.is_some(),
             paused: self.paused,
             pid: self.pid,
             state_dir: self.config.state_dir.clone(),
@@ -315,4 +392,25 @@ impl UtilityVm for LocalUvm {
                 .map(|d| d.as_secs()),
         }
     }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// Waits for a process that is not our child to exit, via a pidfd (no polling).
+pub async fn wait_pid_exit(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags, returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return !pid_alive(pid);
+    }
+    // SAFETY: a fresh descriptor we own.
+    let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the descriptor for its whole life.
+    let Ok(afd) = (unsafe { tokio::io::unix::AsyncFd::register(owned) }) else {
+        return false;
+    };
+    tokio::time::timeout(timeout, afd.readable()).await.is_ok()
 }

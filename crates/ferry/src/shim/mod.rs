@@ -3,6 +3,7 @@
 
 mod ops;
 pub mod output;
+mod restore;
 pub mod state;
 mod stream;
 
@@ -33,7 +34,8 @@ pub struct Shim {
     pub containers: Mutex<BTreeMap<String, ContainerRec>>,
     /// Container ids being created right now (so two runs cannot race for one id).
     pub creating: Mutex<HashSet<String>>,
-    /// Set when a Stop request begins: losing the guest is then expected.
+    /// Set when a Stop or Save request begins: losing the guest is then expected, and no new
+    /// request is served.
     pub stopping: std::sync::atomic::AtomicBool,
     /// Set when the Stop request has been answered: the shim may exit.
     pub stop: watch::Sender<bool>,
@@ -45,14 +47,20 @@ fn report_ready(message: &str) {
     let _ = writeln!(f, "{message}");
 }
 
-/// Runs the shim until the UVM stops.
-pub async fn run(name: &str, root: PathBuf, isolate: Option<bool>) -> i32 {
+/// Runs the shim until the UVM stops (or is handed to another shim). With `restore`, takes
+/// over the running UVM a snapshot describes instead of starting one.
+pub async fn run(
+    name: &str,
+    root: PathBuf,
+    isolate: Option<bool>,
+    restore: Option<PathBuf>,
+) -> i32 {
     // Only the shim may hold the readiness pipe: the agent it starts must not inherit it, or
     // `ferry uvm start` would wait for the agent to exit.
     // SAFETY: F_SETFD on a descriptor number; harmless if fd 3 is not open.
     unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let paths = UvmPaths::new(&root, name);
-    let result = serve(name, root, paths.clone(), isolate).await;
+    let result = serve(name, root, paths.clone(), isolate, restore).await;
     let _ = std::fs::remove_file(paths.control());
     match result {
         Ok(()) => 0,
@@ -69,6 +77,7 @@ async fn serve(
     root: PathBuf,
     paths: UvmPaths,
     isolate: Option<bool>,
+    restore: Option<PathBuf>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(&paths.dir)
         .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
@@ -82,8 +91,14 @@ async fn serve(
     if let Ok(level) = std::env::var("FERRY_GCS_LOG") {
         config.gcs_log_level = level;
     }
-    let mut uvm = LocalUvm::new(config);
-    let conn = uvm.start().await.map_err(|e| e.to_string())?;
+    let (uvm, conn, containers) = match restore {
+        None => {
+            let mut uvm = LocalUvm::new(config);
+            let conn = uvm.start().await.map_err(|e| e.to_string())?;
+            (uvm, conn, BTreeMap::new())
+        }
+        Some(path) => restore::reattach(config, &path).await?,
+    };
 
     let control = paths.control();
     let _ = std::fs::remove_file(&control);
@@ -98,7 +113,7 @@ async fn serve(
         paths,
         conn,
         uvm: tokio::sync::Mutex::new(uvm),
-        containers: Mutex::new(BTreeMap::new()),
+        containers: Mutex::new(containers),
         creating: Mutex::new(HashSet::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),
         stop: watch::channel(false).0,

@@ -23,10 +23,23 @@ pub async fn dispatch(
     r: BufReader<OwnedReadHalf>,
     mut w: OwnedWriteHalf,
 ) {
-    let is_stop = matches!(request, Request::Stop);
+    let is_stop = matches!(request, Request::Stop | Request::Save { .. });
+    if !matches!(request, Request::Info) && shim.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        let _ = control::write_line(
+            &mut w,
+            &Reply::error(format!(
+                "UVM {:?} is stopping or being handed to another host process",
+                shim.name
+            )),
+        )
+        .await;
+        return;
+    }
     let outcome = match request {
         Request::Info => info(&shim).await,
         Request::Stop => stop(&shim).await,
+        Request::Save { to } => save(&shim, to).await,
         Request::Run {
             id,
             rootfs,
@@ -64,7 +77,7 @@ pub async fn dispatch(
         Err(e) => {
             tracing::info!(error = %e, "control request failed");
             let _ = control::write_line(&mut w, &Reply::error(e)).await;
-            if is_stop {
+            if is_stop && shim.stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 shim.stop.send_replace(true);
             }
         }
@@ -128,6 +141,30 @@ async fn stop(shim: &Shim) -> Outcome {
     let result = shim.uvm.lock().await.stop(Duration::from_secs(5)).await;
     result.map_err(|e| e.to_string())?;
     Ok((json!({"stopped": shim.name}), None))
+}
+
+async fn save(shim: &Shim, to: Option<String>) -> Outcome {
+    shim.stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let result = async {
+        let snap = super::restore::snapshot(shim).await?;
+        let path = to
+            .map(PathBuf::from)
+            .unwrap_or_else(|| shim.paths.dir.join("snapshot"));
+        crate::snapshot::write(&path, &snap).map_err(|e| e.to_string())?;
+        tracing::info!(path = %path.display(), "snapshot written; handing the UVM over");
+        Ok((
+            json!({"snapshot": path, "uvm": shim.name, "agent_pid": snap.uvm.agent_pid}),
+            None,
+        ))
+    }
+    .await;
+    if result.is_err() {
+        // Nothing handed over: keep serving.
+        shim.stopping
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    result
 }
 
 /// A short random container id.

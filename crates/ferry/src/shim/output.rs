@@ -65,12 +65,25 @@ pub struct OutputLog {
 }
 
 impl OutputLog {
-    /// Starts copying the process's output into a new file at `path`.
-    pub fn capture(path: &Path, pipe: OutputPipe) -> std::io::Result<Arc<OutputLog>> {
-        let file = File::create(path)?;
+    /// Starts copying the process's output into the file at `path`: a new file, or with
+    /// `append` the existing one (a restored shim continues the log its predecessor wrote).
+    pub fn capture(path: &Path, pipe: OutputPipe, append: bool) -> std::io::Result<Arc<OutputLog>> {
+        let file = if append {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?
+        } else {
+            File::create(path)?
+        };
+        let written = file.metadata()?.len();
         let log = Arc::new(OutputLog {
             path: path.to_path_buf(),
-            progress: watch::channel(Progress::default()).0,
+            progress: watch::channel(Progress {
+                written,
+                done: false,
+            })
+            .0,
         });
         let l = log.clone();
         tokio::spawn(async move {
@@ -84,6 +97,19 @@ impl OutputLog {
             l.progress.send_modify(|p| p.done = true);
         });
         Ok(log)
+    }
+
+    /// A finished log (a process that exited before a restore).
+    pub fn existing(path: &Path) -> Arc<OutputLog> {
+        let written = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        Arc::new(OutputLog {
+            path: path.to_path_buf(),
+            progress: watch::channel(Progress {
+                written,
+                done: true,
+            })
+            .0,
+        })
     }
 
     pub fn progress(&self) -> Progress {

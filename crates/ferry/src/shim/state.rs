@@ -53,47 +53,76 @@ impl ProcRec {
         is_init: bool,
         log_dir: &std::path::Path,
     ) -> std::io::Result<Arc<ProcRec>> {
+        Self::build(process, container, args, tty, is_init, log_dir, None, false)
+    }
+
+    /// A process from a snapshot: its logs continue where they are; a known exit code stays.
+    pub fn restore(
+        process: Process,
+        container: &str,
+        args: Vec<String>,
+        tty: bool,
+        is_init: bool,
+        log_dir: &std::path::Path,
+        exit_code: Option<i32>,
+    ) -> std::io::Result<Arc<ProcRec>> {
+        Self::build(
+            process, container, args, tty, is_init, log_dir, exit_code, true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        process: Process,
+        container: &str,
+        args: Vec<String>,
+        tty: bool,
+        is_init: bool,
+        log_dir: &std::path::Path,
+        exit_code: Option<i32>,
+        append: bool,
+    ) -> std::io::Result<Arc<ProcRec>> {
         let pid = process.pid();
         std::fs::create_dir_all(log_dir)?;
-        let stdout = match process.take_stdout() {
-            Some(s) => Some(OutputLog::capture(
-                &log_dir.join(format!("{pid}.stdout")),
-                s,
-            )?),
-            None => None,
+        let log = |name: &str,
+                   pipe: Option<host::OutputPipe>|
+         -> std::io::Result<Option<Arc<OutputLog>>> {
+            let path = log_dir.join(format!("{pid}.{name}"));
+            Ok(match pipe {
+                Some(pipe) => Some(OutputLog::capture(&path, pipe, append)?),
+                None if append && path.exists() => Some(OutputLog::existing(&path)),
+                None => None,
+            })
         };
-        let stderr = match process.take_stderr() {
-            Some(s) => Some(OutputLog::capture(
-                &log_dir.join(format!("{pid}.stderr")),
-                s,
-            )?),
-            None => None,
-        };
+        let stdout = log("stdout", process.take_stdout())?;
+        let stderr = log("stderr", process.take_stderr())?;
         let stdin = process.take_stdin();
         let process = Arc::new(process);
-        let (tx, exit) = watch::channel(None);
-        let (p, out, err) = (process.clone(), stdout.clone(), stderr.clone());
-        tokio::spawn(async move {
-            let code = p.wait().await.map_err(|e| e.to_string());
-            let captured = async {
-                for log in [out, err].into_iter().flatten() {
-                    log.finished().await;
+        let (tx, exit) = watch::channel(exit_code.map(Ok));
+        if exit_code.is_none() {
+            let (p, out, err) = (process.clone(), stdout.clone(), stderr.clone());
+            tokio::spawn(async move {
+                let code = p.wait().await.map_err(|e| e.to_string());
+                let captured = async {
+                    for log in [out, err].into_iter().flatten() {
+                        log.finished().await;
+                    }
+                };
+                if tokio::time::timeout(OUTPUT_GRACE, captured).await.is_err() {
+                    tracing::warn!(
+                        pid = p.pid(),
+                        "output still open {OUTPUT_GRACE:?} after the exit; reporting the exit"
+                    );
                 }
-            };
-            if tokio::time::timeout(OUTPUT_GRACE, captured).await.is_err() {
-                tracing::warn!(
+                tracing::info!(
                     pid = p.pid(),
-                    "output still open {OUTPUT_GRACE:?} after the exit; reporting the exit"
+                    container = p.container_id(),
+                    ?code,
+                    "process exited"
                 );
-            }
-            tracing::info!(
-                pid = p.pid(),
-                container = p.container_id(),
-                ?code,
-                "process exited"
-            );
-            let _ = tx.send(Some(code));
-        });
+                let _ = tx.send(Some(code));
+            });
+        }
         Ok(Arc::new(ProcRec {
             pid,
             container: container.to_string(),

@@ -1,0 +1,206 @@
+//! Save and restore: the shim's state written to a snapshot, and a new shim taking over the
+//! running UVM from one, in the order the design requires: register every container and adopt
+//! every outstanding wait before negotiating; raise the id and port floors; listen again on
+//! every saved stdio port (the agent re-dials and each stream resumes at the byte the logs
+//! hold); probe each process once in case it exited while nobody was connected.
+
+use super::Shim;
+use super::state::{ContainerRec, ProcRec};
+use crate::snapshot::{self, ContainerState, ProcessState, Snapshot, UvmState};
+use bridge::Rpc;
+use bridge::message::Response;
+use host::{Container, GuestConnection, HostError, Process};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::oneshot;
+use uvm::{LocalConfig, LocalUvm};
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The shim's state as a snapshot.
+pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
+    let agent_pid = shim
+        .uvm
+        .lock()
+        .await
+        .agent_pid()
+        .ok_or("the UVM is not running; nothing to save")?;
+    let containers = shim.containers.lock().unwrap_or_else(|p| p.into_inner());
+    let containers = containers
+        .values()
+        .map(|c| ContainerState {
+            id: c.id.clone(),
+            rootfs: c.rootfs.clone(),
+            created: secs(c.created),
+            processes: c
+                .procs
+                .values()
+                .map(|p| ProcessState {
+                    pid: p.pid,
+                    args: p.args.clone(),
+                    tty: p.tty,
+                    init: p.is_init,
+                    migration: p.process.migration_state(),
+                    stdout_offset: p.stdout.as_ref().map(|l| l.progress().written),
+                    stderr_offset: p.stderr.as_ref().map(|l| l.progress().written),
+                    exit_code: p.exit_state().and_then(|e| e.ok()),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Snapshot {
+        uvm: UvmState {
+            name: shim.name.clone(),
+            backend: "local".into(),
+            state_dir: shim.paths.dir.clone(),
+            agent_pid,
+        },
+        connection: shim.conn.state(),
+        containers,
+        saved_at: secs(SystemTime::now()),
+        saved_by_pid: std::process::id(),
+    })
+}
+
+type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>;
+
+/// Takes over the UVM a snapshot describes.
+pub async fn reattach(
+    mut config: LocalConfig,
+    path: &Path,
+) -> Result<(LocalUvm, GuestConnection, BTreeMap<String, ContainerRec>), String> {
+    let snap = snapshot::read(path).map_err(|e| e.to_string())?;
+    if snap.uvm.name != config.name {
+        return Err(format!(
+            "{} describes UVM {:?}, not {:?}",
+            path.display(),
+            snap.uvm.name,
+            config.name
+        ));
+    }
+    if snap.uvm.backend != "local" {
+        return Err(format!(
+            "{}: backend {:?} cannot be restored here",
+            path.display(),
+            snap.uvm.backend
+        ));
+    }
+    config.state_dir = snap.uvm.state_dir.clone();
+    config.connect_timeout = Duration::from_secs(15);
+    // Step 1, before the guest can say anything: containers registered, waits adopted.
+    let mut opened: Vec<Container> = Vec::new();
+    let mut adopted: Adopted = HashMap::new();
+    let mut problems: Vec<String> = Vec::new();
+    let (uvm, conn) = LocalUvm::reattach(config, snap.uvm.agent_pid, |conn| {
+        for c in &snap.containers {
+            opened.push(Container::open(conn, &c.id));
+            for p in c.processes.iter().filter(|p| p.exit_code.is_none()) {
+                match conn.register_pending(p.migration.wait_call_id, Rpc::WaitForProcess) {
+                    Ok(rx) => {
+                        adopted.insert((c.id.clone(), p.pid), rx);
+                    }
+                    Err(e) => problems.push(format!("process {} in {}: {e}", p.pid, c.id)),
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    for p in problems {
+        tracing::warn!("adopting a wait failed: {p}");
+    }
+    // Step 2 happened inside reattach (negotiation); step 3: floors.
+    conn.restore_floors(&snap.connection);
+    // Steps 4 and 5: per process, pipes and exits.
+    let logs = snap.uvm.state_dir.join("logs");
+    let mut containers = BTreeMap::new();
+    for (c, container) in snap.containers.iter().zip(opened) {
+        let mut procs = BTreeMap::new();
+        let mut init = None;
+        for p in &c.processes {
+            let log_dir = logs.join(&c.id);
+            let rec = restore_process(
+                &conn,
+                &c.id,
+                p,
+                adopted.remove(&(c.id.clone(), p.pid)),
+                &log_dir,
+            )
+            .await
+            .map_err(|e| format!("restoring process {} of container {}: {e}", p.pid, c.id))?;
+            if p.init {
+                init = Some(rec.clone());
+            }
+            procs.insert(p.pid, rec);
+        }
+        let Some(init) = init else {
+            tracing::warn!(container = %c.id, "snapshot has no init process for this container; skipped");
+            continue;
+        };
+        containers.insert(
+            c.id.clone(),
+            ContainerRec {
+                id: c.id.clone(),
+                container: Arc::new(container),
+                init,
+                procs,
+                rootfs: c.rootfs.clone(),
+                created: UNIX_EPOCH + Duration::from_secs(c.created),
+            },
+        );
+    }
+    tracing::info!(
+        uvm = %snap.uvm.name,
+        containers = containers.len(),
+        from = %path.display(),
+        "restored"
+    );
+    Ok((uvm, conn, containers))
+}
+
+async fn restore_process(
+    conn: &GuestConnection,
+    container: &str,
+    p: &ProcessState,
+    adopted: Option<oneshot::Receiver<host::Result<Response>>>,
+    log_dir: &Path,
+) -> Result<Arc<ProcRec>, HostError> {
+    let (adopted, io) = match (p.exit_code, adopted) {
+        (None, Some(rx)) => {
+            // The logs hold what was received: resume each stream exactly there.
+            let offset = |name: &str, saved: Option<u64>| {
+                let len = std::fs::metadata(log_dir.join(format!("{}.{name}", p.pid)))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                len.max(saved.unwrap_or(0))
+            };
+            let io = host::stdio::reopen(
+                conn.transport(),
+                &p.migration,
+                offset("stdout", p.stdout_offset),
+                offset("stderr", p.stderr_offset),
+            )
+            .await?;
+            (rx, io)
+        }
+        // Exited before the save: nothing to adopt, only its logs and code remain.
+        _ => (oneshot::channel().1, host::process::ProcessIo::default()),
+    };
+    let process = Process::adopt(conn.clone(), container, p.pid, p.migration, adopted, io);
+    ProcRec::restore(
+        process,
+        container,
+        p.args.clone(),
+        p.tty,
+        p.init,
+        log_dir,
+        p.exit_code,
+    )
+    .map_err(|e| HostError::Io(e.to_string()))
+}
