@@ -58,7 +58,12 @@ pub fn enter_namespaces(hostname: &str) -> Result<(), String> {
             };
             libc::_exit(code);
         }
-        // The new PID 1: a private mount tree and a /proc that shows this namespace.
+        // The new PID 1 dies with the thin parent (the process its host knows as the UVM):
+        // a killed UVM leaves nothing running behind.
+        // (getppid is 0 across a pid namespace, so the start-up race cannot be checked here;
+        // the window is the few instructions since fork.)
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        // A private mount tree and a /proc that shows this namespace.
         if libc::mount(
             std::ptr::null(),
             c"/".as_ptr(),

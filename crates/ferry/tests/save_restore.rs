@@ -1,0 +1,284 @@
+//! Handing a running UVM to a new host process: nothing lost, nothing repeated.
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn skip(test: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: {test} needs root (the local UVM uses namespaces)");
+        return true;
+    }
+    if !std::path::Path::new("/usr/bin/busybox").exists()
+        && !std::path::Path::new("/bin/busybox").exists()
+    {
+        eprintln!("skipped: {test} needs busybox-static (the built-in image)");
+        return true;
+    }
+    false
+}
+
+struct Env {
+    state: PathBuf,
+}
+
+impl Env {
+    fn new(tag: &str) -> Env {
+        let state = PathBuf::from(format!("/tmp/fsr-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let e = Env { state };
+        let out = e.ferry(&["uvm", "start", "u"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        e
+    }
+
+    fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .env("FERRY_STATE_DIR", &self.state)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.ferry(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.ferry(&["uvm", "stop", "u"]);
+        if std::thread::panicking() {
+            let text =
+                std::fs::read_to_string(self.state.join("uvms/u/shim.log")).unwrap_or_default();
+            for l in text
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("{l}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// A counter printing 0..n-1 every 10 ms on stdout and every 20th value on stderr, then `end`.
+fn counter(n: u32, end: &str) -> String {
+    format!(
+        "i=0; while [ $i -lt {n} ]; do echo $i; [ $((i % 20)) = 0 ] && echo e$i >&2; i=$((i+1)); sleep 0.01; done; {end}"
+    )
+}
+
+fn assert_counter(text: &str, n: u32) {
+    let want: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got, want, "stdout has a gap or a duplicate");
+}
+
+/// Waits until no process on this machine runs a command line containing `needle` (the
+/// processes are not our children: a pidfd per match tells when each is gone).
+fn wait_gone(needle: &str) {
+    let pids: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect();
+    for pid in pids {
+        wait_pid_gone(pid);
+    }
+}
+
+/// Waits for a process that is not our child to end (pidfd + poll).
+fn wait_pid_gone(pid: i32) {
+    // SAFETY: pidfd_open and poll on a descriptor we own.
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if fd < 0 {
+            return; // already gone
+        }
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        assert_eq!(
+            libc::poll(&mut p, 1, 30_000),
+            1,
+            "process {pid} did not end"
+        );
+        libc::close(fd);
+    }
+}
+
+#[test]
+fn upgrade_and_save_restore_lose_nothing() {
+    if skip("save/restore test") {
+        return;
+    }
+    let e = Env::new("up");
+    // Writers that outlive both handoffs, and ones that end during the gaps: normally,
+    // non-zero, and killed by a signal.
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "long",
+        "--",
+        "sh",
+        "-c",
+        &counter(300, "exit 0"),
+    ]);
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "three",
+        "--",
+        "sh",
+        "-c",
+        &counter(40, "exit 3"),
+    ]);
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "killed",
+        "--",
+        "sh",
+        "-c",
+        &counter(40, "sleep 1000 & kill -9 $!; wait $!"),
+    ]);
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "tty",
+        "--tty",
+        "--",
+        "sh",
+        "-c",
+        &counter(200, "exit 0"),
+    ]);
+    let shim_before = e.ok(&["--json", "uvm", "inspect", "u"]);
+
+    // Handoff 1: upgrade (save + restore) in one step.
+    e.ok(&["uvm", "upgrade", "u"]);
+    let shim_after = e.ok(&["--json", "uvm", "inspect", "u"]);
+    let pid = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap()["shim_pid"].clone();
+    assert_ne!(
+        pid(&shim_before),
+        pid(&shim_after),
+        "a new host process serves the UVM"
+    );
+
+    // Handoff 2: save, a gap with no host at all while the short ones end, restore.
+    let snap = e.ok(&["uvm", "save", "u"]);
+    assert_eq!(
+        e.ferry(&["ps", "u"]).status.code(),
+        Some(125),
+        "nobody serves the UVM between save and restore"
+    );
+    // The short writers finish while no host is connected (their output is kept by the guest).
+    for script in ["exit 3", "kill -9"] {
+        wait_gone(script);
+    }
+    e.ok(&["uvm", "restore", snap.trim()]);
+    // Restoring the same snapshot again is refused with the reason.
+    let again = e.ferry(&["uvm", "restore", snap.trim()]);
+    assert_eq!(again.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // Exit codes, including those of processes that ended while no host was connected.
+    assert_eq!(e.ferry(&["wait", "u", "three"]).status.code(), Some(3));
+    assert_eq!(e.ferry(&["wait", "u", "killed"]).status.code(), Some(137));
+    assert_eq!(e.ferry(&["wait", "u", "long"]).status.code(), Some(0));
+    assert_eq!(e.ferry(&["wait", "u", "tty"]).status.code(), Some(0));
+    // Every line, once, in order, on the right stream.
+    assert_counter(&e.ok(&["logs", "u", "long"]), 300);
+    assert_counter(&e.ok(&["logs", "u", "three"]), 40);
+    assert_counter(&e.ok(&["logs", "u", "killed"]), 40);
+    let err = String::from_utf8_lossy(&e.ferry(&["logs", "u", "three"]).stderr).into_owned();
+    assert_eq!(err, "e0\ne20\n");
+    // The terminal kept working: its output is all there (stdout and stderr share the
+    // terminal, with its line endings).
+    let tty = e.ok(&["logs", "u", "tty"]).replace("\r\n", "\n");
+    let tty: String = tty
+        .lines()
+        .filter(|l| !l.starts_with('e'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_counter(&tty, 200);
+
+    // New work after the restore gets fresh ports and ids: it runs and does not disturb the
+    // adopted processes.
+    let out = e.ferry(&["run", "u", "--", "sh", "-c", "echo after; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+}
+
+#[test]
+fn bad_snapshots_are_refused_with_the_cause() {
+    if skip("snapshot validation test") {
+        return;
+    }
+    let e = Env::new("bad");
+    e.ok(&["run", "u", "-d", "--id", "x", "--", "sleep", "1000"]);
+    let snap = e.ok(&["uvm", "save", "u"]);
+    let snap = PathBuf::from(snap.trim());
+    let good = std::fs::read(&snap).unwrap();
+    let copy = e.state.join("copy");
+    // Corrupt, truncated, not a snapshot: each refused, naming the problem.
+    let mut bad = good.clone();
+    let at = bad.len() - 5;
+    bad[at] ^= 1;
+    for (bytes, needle) in [
+        (bad, "corrupt"),
+        (good[..good.len() - 7].to_vec(), "truncated"),
+        (b"hello\n".to_vec(), "not a ferry snapshot"),
+    ] {
+        std::fs::write(&copy, bytes).unwrap();
+        let out = e.ferry(&["uvm", "restore", copy.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(125));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{err}");
+    }
+    // A snapshot whose UVM is gone.
+    let v: serde_json::Value = {
+        let text = String::from_utf8_lossy(&good).into_owned();
+        let body = text.split_once('\n').unwrap().1.to_string();
+        serde_json::from_str(&body).unwrap()
+    };
+    let agent = v["uvm"]["agent_pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::SIGKILL).unwrap();
+    wait_pid_gone(agent);
+    let out = e.ferry(&["uvm", "restore", snap.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("gone"), "{err}");
+}
