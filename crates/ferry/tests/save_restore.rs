@@ -282,3 +282,71 @@ fn bad_snapshots_are_refused_with_the_cause() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gone"), "{err}");
 }
+
+#[test]
+fn a_shim_killed_with_sigkill_is_replaced_from_its_last_snapshot() {
+    if skip("SIGKILL recovery test") {
+        return;
+    }
+    let e = Env::new("kill");
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        &counter(200, "exit 4"),
+    ]);
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        &counter(30, "exit 9"),
+    ]);
+    e.ok(&[
+        "exec",
+        "u",
+        "a",
+        "-d",
+        "--",
+        "sh",
+        "-c",
+        &counter(100, "exit 6"),
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
+    let shim = info["shim_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
+    wait_pid_gone(shim);
+    assert_eq!(
+        e.ferry(&["ps", "u"]).status.code(),
+        Some(125),
+        "nobody serves the UVM after the kill"
+    );
+
+    let snap = e.state.join("uvms/u/snapshot");
+    e.ok(&["uvm", "restore", snap.to_str().unwrap()]);
+    assert_eq!(e.ferry(&["wait", "u", "a"]).status.code(), Some(4));
+    assert_eq!(e.ferry(&["wait", "u", "b"]).status.code(), Some(9));
+    assert_counter(&e.ok(&["logs", "u", "a"]), 200);
+    assert_counter(&e.ok(&["logs", "u", "b"]), 30);
+    // The exec'd process is accounted for too.
+    let ps: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "ps", "u", "a"])).unwrap();
+    let procs = ps["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 2, "{ps}");
+    let exec = procs.iter().find(|p| p["init"] == false).unwrap();
+    let pid = exec["pid"].to_string();
+    assert_eq!(
+        e.ferry(&["wait", "u", "a", "--pid", &pid]).status.code(),
+        Some(6)
+    );
+    assert_counter(&e.ok(&["logs", "u", "a", "--pid", &pid]), 100);
+}

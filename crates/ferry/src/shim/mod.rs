@@ -39,6 +39,8 @@ pub struct Shim {
     pub stopping: std::sync::atomic::AtomicBool,
     /// Set when the Stop request has been answered: the shim may exit.
     pub stop: watch::Sender<bool>,
+    /// One snapshot write at a time.
+    pub persist_lock: tokio::sync::Mutex<()>,
 }
 
 fn report_ready(message: &str) {
@@ -117,7 +119,10 @@ async fn serve(
         creating: Mutex::new(HashSet::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),
         stop: watch::channel(false).0,
+        persist_lock: tokio::sync::Mutex::new(()),
     });
+    // A fresh snapshot from the start: recoverable even before the first change.
+    restore::persist(&shim).await;
     tracing::info!(uvm = name, control = %control.display(), "shim ready");
     report_ready("ok");
 

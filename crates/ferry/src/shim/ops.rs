@@ -300,6 +300,7 @@ async fn run(shim: &Shim, id: Option<String>, rootfs: Rootfs, p: ProcessSpec) ->
             },
         );
     tracing::info!(container = %id, pid, command = ?p.args, "container running");
+    super::restore::persist(shim).await;
     let plan = (!p.detach).then(|| StreamPlan {
         rec,
         from_start: true,
@@ -345,6 +346,7 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
     {
         c.procs.insert(pid, rec.clone());
     }
+    super::restore::persist(shim).await;
     let plan = (!p.detach).then(|| StreamPlan {
         rec,
         from_start: true,
@@ -454,5 +456,6 @@ async fn rm(shim: &Shim, id: &str, force: bool) -> Outcome {
         .unwrap_or_else(|p| p.into_inner())
         .remove(id);
     let _ = std::fs::remove_dir_all(shim.paths.logs().join(id));
+    super::restore::persist(shim).await;
     Ok((json!({"removed": id}), None))
 }

@@ -68,6 +68,20 @@ pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
     })
 }
 
+/// Refreshes `<uvm dir>/snapshot`, so that a shim killed at any moment can be replaced from
+/// it. Called whenever the set of processes changes, before the change is acknowledged.
+pub async fn persist(shim: &Shim) {
+    let _one_writer = shim.persist_lock.lock().await;
+    let result = async {
+        let snap = snapshot(shim).await?;
+        crate::snapshot::write(&shim.paths.dir.join("snapshot"), &snap).map_err(|e| e.to_string())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "cannot refresh the snapshot; a crash now would lose track of recent changes");
+    }
+}
+
 type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>;
 
 /// Takes over the UVM a snapshot describes.
