@@ -144,6 +144,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     None,
                 );
             }
+            // Requests that only look at or poke the agent's state are answered inline (a task
+            // hop per request is most of a round trip's cost); those that wait or spawn get a
+            // task of their own so the connection keeps reading.
+            request @ (Request::GetProperties(_)
+            | Request::SignalProcess(_)
+            | Request::ResizeConsole(_)
+            | Request::Start(_)
+            | Request::DumpStacks(_)
+            | Request::ModifySettings(_)
+            | Request::UpdateContainer(_)
+            | Request::LifecycleNotification(_)) => {
+                handlers::dispatch(agent.clone(), generation, frame.id, request).await;
+            }
             request => {
                 let agent = agent.clone();
                 tokio::spawn(handlers::dispatch(agent, generation, frame.id, request));
