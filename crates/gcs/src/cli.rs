@@ -116,8 +116,7 @@ pub fn main(args: Args) -> std::process::ExitCode {
         eprintln!("ferry-gcs: cannot open log file: {e}");
         return std::process::ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
