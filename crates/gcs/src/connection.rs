@@ -55,6 +55,9 @@ pub async fn serve(agent: Arc<Agent>) {
         generation += 1;
         tracing::info!(connection = generation, "bridge connected");
         let (reader, writer) = tokio::io::split(stream);
+        // Buffered: a frame's header and body usually arrive together, and are then read with
+        // one system call instead of two.
+        let reader = tokio::io::BufReader::with_capacity(64 * 1024, reader);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut writer_task =
             tokio::spawn(agent.outbox.clone().run_writer(generation, writer, stop_rx));
