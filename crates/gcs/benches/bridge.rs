@@ -8,7 +8,9 @@
 //! * `FERRY_BENCH_LOG_LEVEL` — the agent's `--log-level` (default `info`, its own default);
 //! * `FERRY_BENCH_N` — round trips per latency measurement (default 20000);
 //! * `FERRY_BENCH_SECS` — minimum seconds per throughput measurement (default 3);
-//! * `FERRY_BENCH_RUNTIME` — `current_thread` (default) or `multi_thread` for the host side.
+//! * `FERRY_BENCH_RUNTIME` — `current_thread` (default) or `multi_thread` for the host side;
+ * `FERRY_BENCH_ECHO_RUNTIME` — the echo process's runtime: `current_thread` (default, as the
+   agent's own in `gcs::cli`) or `multi_thread` (2 workers, as the agent had before).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -32,8 +34,6 @@ const WARMUP: usize = 2_000;
 const LATENCY_BATCHES: usize = 20;
 const IN_FLIGHT: usize = 16;
 const MIN_PIPELINED_REQUESTS: u64 = 50_000;
-/// The agent's own runtime (see its main.rs): the echo baseline uses the same.
-const AGENT_WORKERS: usize = 2;
 
 const TARGET_RATIO: f64 = 3.0;
 const TARGET_RPS: f64 = 30_000.0;
@@ -260,25 +260,38 @@ async fn start_agent(gcs: &mut Gcs, bin: &Path, log_level: &str) -> Conn {
 // The raw baseline: a fixed-size ping-pong over a Unix socket
 
 /// The echo process: binds `path`, says "ready" on stdout, then for one client answers every
-/// `req` bytes read with `resp` bytes, on the agent's runtime flavour (multi-thread, 2 workers).
+/// `req` bytes read with `resp` bytes, on the same kind of runtime as the agent.
 fn echo_server(args: &[String]) {
     let [path, req, resp] = args else {
         panic!("usage: {ECHO_ARG} PATH REQ_BYTES RESP_BYTES");
     };
     let (req, resp): (usize, usize) = (req.parse().unwrap(), resp.parse().unwrap());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(AGENT_WORKERS)
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut builder = match echo_runtime().as_str() {
+        "multi_thread" => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let rt = builder.enable_all().build().unwrap();
     rt.block_on(async move {
         let listener = tokio::net::UnixListener::bind(path).unwrap();
         println!("ready");
         let (s, _) = listener.accept().await.unwrap();
-        // A spawned task runs on a worker, next to the I/O driver; the future given to
-        // block_on runs on the main thread, which every readiness event would have to wake.
+        // Spawned: on a multi-thread runtime that puts it on a worker, next to the I/O driver
+        // (block_on's own future runs on the main thread, which each readiness event would have
+        // to wake); on a current-thread runtime it makes no difference.
         tokio::spawn(echo(s, req, resp)).await.unwrap();
     });
+}
+
+fn echo_runtime() -> String {
+    match std::env::var("FERRY_BENCH_ECHO_RUNTIME").as_deref() {
+        Ok("multi_thread") => "multi_thread".into(),
+        Ok("current_thread") | Err(_) => "current_thread".into(),
+        Ok(other) => panic!("FERRY_BENCH_ECHO_RUNTIME={other:?}: use current_thread or multi_thread"),
+    }
 }
 
 async fn echo(mut s: UnixStream, req: usize, resp: usize) {
@@ -474,6 +487,7 @@ async fn run(flavour: String) -> Value {
         "ferry_gcs_bin_bytes": bin_size,
         "ferry_gcs_log_level": log_level,
         "host_runtime": flavour,
+        "echo_runtime": echo_runtime(),
         // Pinning (taskset) changes the picture: no idle CPU to wake, so wake-up latency drops.
         "cpus_allowed": cpus_allowed(),
         "request": "GetProperties(UVM, ProcessList)",

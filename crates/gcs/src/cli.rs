@@ -106,6 +106,9 @@ fn init_logging(args: &Args) -> std::io::Result<()> {
 
 /// Runs the agent as the command line describes; returns the process exit code.
 pub fn main(args: Args) -> std::process::ExitCode {
+    // Every stdio stream costs descriptors (a listener, a connection, a log file): lift the
+    // soft limit to the hard one, as servers do, so thousands of processes fit.
+    raise_fd_limit();
     if args.isolate
         && let Err(e) = crate::isolate::enter_namespaces(&args.hostname)
     {
@@ -161,4 +164,18 @@ pub fn main(args: Args) -> std::process::ExitCode {
         }
     });
     std::process::ExitCode::from(code)
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
