@@ -9,8 +9,8 @@
 //! * `FERRY_BENCH_N` — round trips per latency measurement (default 20000);
 //! * `FERRY_BENCH_SECS` — minimum seconds per throughput measurement (default 3);
 //! * `FERRY_BENCH_RUNTIME` — `current_thread` (default) or `multi_thread` for the host side;
- * `FERRY_BENCH_ECHO_RUNTIME` — the echo process's runtime: `current_thread` (default, as the
-   agent's own in `gcs::cli`) or `multi_thread` (2 workers, as the agent had before).
+//! * `FERRY_BENCH_ECHO_RUNTIME` — the echo process's runtime: `current_thread` (default, as the
+//!   agent's own in `gcs::cli`) or `multi_thread` (2 workers, as the agent had before).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -290,7 +290,9 @@ fn echo_runtime() -> String {
     match std::env::var("FERRY_BENCH_ECHO_RUNTIME").as_deref() {
         Ok("multi_thread") => "multi_thread".into(),
         Ok("current_thread") | Err(_) => "current_thread".into(),
-        Ok(other) => panic!("FERRY_BENCH_ECHO_RUNTIME={other:?}: use current_thread or multi_thread"),
+        Ok(other) => {
+            panic!("FERRY_BENCH_ECHO_RUNTIME={other:?}: use current_thread or multi_thread")
+        }
     }
 }
 
