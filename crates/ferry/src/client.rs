@@ -122,17 +122,16 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
             let _ = control::write_frame(&mut *w.lock().await, tag::STDIN_EOF, &[]).await;
         }));
     }
-    {
-        use tokio::signal::unix::{SignalKind, signal};
+    // The handlers are installed here, before any output is relayed: a resize or a Ctrl-C
+    // that comes as soon as the first output appears must not find the default disposition.
+    use tokio::signal::unix::{SignalKind, signal};
+    if let (Ok(mut winch), Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::window_change()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         let w = w.clone();
         tasks.push(tokio::spawn(async move {
-            let (Ok(mut winch), Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::window_change()),
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
             loop {
                 let (t, payload) = tokio::select! {
                     _ = winch.recv() => match terminal_size() {

@@ -306,6 +306,20 @@ fn a_terminal_with_working_resize() {
         .spawn()
         .unwrap();
     drop(slave);
+    // A hang must fail the test, not stall CI: kill the CLI after a minute.
+    let cli_pid = child.id() as i32;
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .is_err()
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(cli_pid),
+                nix::sys::signal::SIGKILL,
+            );
+        }
+    });
     let mut master = std::fs::File::from(pty.master);
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
@@ -340,7 +354,13 @@ fn a_terminal_with_working_resize() {
         }
     }
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(5));
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(5),
+        "the CLI was killed by the watchdog or failed"
+    );
     let text = String::from_utf8_lossy(&rest);
     assert!(text.contains("50 132"), "after resize: {text:?}");
 }
