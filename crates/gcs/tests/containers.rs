@@ -61,7 +61,7 @@ async fn container_runs_in_its_own_namespaces_and_root() {
         oci_process: Some(Box::new(
             serde_json::from_value(serde_json::json!({
                 "user": {"uid": 0, "gid": 0},
-                "args": ["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; echo go > /tmp/go"],
+                "args": ["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo"],
                 "env": ["PATH=/bin"],
                 "cwd": "/tmp"
             }))
@@ -78,6 +78,24 @@ async fn container_runs_in_its_own_namespaces_and_root() {
     let joined = String::from_utf8(read_all(io2.stdout.as_mut().unwrap()).await).unwrap();
     assert!(joined.starts_with("ferrybox\nsh -c "), "{joined:?}");
     assert_eq!(wait_exit(&conn, "web", e.process_id).await, 0);
+    // Release the init. (This process may die with it: a container's processes are killed
+    // when its init exits, so its own exit code is not checked.)
+    let release = ProcessParameters {
+        oci_process: Some(Box::new(
+            serde_json::from_value(serde_json::json!({
+                "user": {"uid": 0, "gid": 0},
+                "args": ["sh", "-c", "echo go > /tmp/go"],
+                "env": ["PATH=/bin"],
+                "cwd": "/"
+            }))
+            .unwrap(),
+        )),
+        ..Default::default()
+    };
+    let (resp, _) = gcs
+        .exec_raw(&conn, "web", release, (false, false, false))
+        .await;
+    ok(&resp);
 
     // The init exits 3: its wait and the container notification both say so.
     rest_of(&mut out).await;
