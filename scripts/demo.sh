@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ferry's main job on its embedded default (no hypervisor): build ferry, start a utility VM,
-# run containers in it, exec into one, read logs, stop. Run as root on Debian 12; installs
+# run containers in it, exec into one, hand the running UVM to a new host process, read the
+# logs, stop. Run as root on Debian 12; installs
 # busybox-static (the built-in image) if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,9 +24,12 @@ run run demo --id hello -- sh -c 'echo "hello from $(hostname), pid $$ in its ow
 run run demo -d --id ticker -- sh -c 'i=0; while true; do echo "tick $i"; i=$((i+1)); sleep 0.2; done'
 run exec demo ticker -- ps
 run ps demo
-step "ferry logs demo ticker   (output captured while nobody was attached)"
+step "ferry uvm upgrade demo   (a new host process takes over; the ticker never stops)"
+"$ferry" uvm upgrade demo
+run ps demo
+step "ferry logs demo ticker   (every line, across the handoff; the last ones shown)"
 sleep 1
-"$ferry" logs demo ticker | head -n 3
+"$ferry" logs demo ticker | tail -n 3
 run kill demo ticker
 set +e
 step "ferry wait demo ticker"
