@@ -131,28 +131,37 @@ pub async fn reattach(
     }
     // Step 2 happened inside reattach (negotiation); step 3: floors.
     conn.restore_floors(&snap.connection);
-    // Steps 4 and 5: per process, pipes and exits.
+    // Steps 4 and 5: per process, pipes and exits — all processes at once, so that a UVM with
+    // thousands of them is back as fast as one with a few.
     let logs = snap.uvm.state_dir.join("logs");
-    let mut containers = BTreeMap::new();
-    for (c, container) in snap.containers.iter().zip(opened) {
-        let mut procs = BTreeMap::new();
-        let mut init = None;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (ci, c) in snap.containers.iter().enumerate() {
         for p in &c.processes {
-            let log_dir = logs.join(&c.id);
-            let rec = restore_process(
-                &conn,
-                &c.id,
-                p,
-                adopted.remove(&(c.id.clone(), p.pid)),
-                &log_dir,
-            )
-            .await
-            .map_err(|e| format!("restoring process {} of container {}: {e}", p.pid, c.id))?;
-            if p.init {
-                init = Some(rec.clone());
-            }
-            procs.insert(p.pid, rec);
+            let rx = adopted.remove(&(c.id.clone(), p.pid));
+            let (conn, id, p, log_dir) = (conn.clone(), c.id.clone(), p.clone(), logs.join(&c.id));
+            tasks.spawn(async move {
+                let rec = restore_process(&conn, &id, &p, rx, &log_dir)
+                    .await
+                    .map_err(|e| format!("restoring process {} of container {id}: {e}", p.pid));
+                (ci, p.pid, p.init, rec)
+            });
         }
+    }
+    let mut restored: Vec<(BTreeMap<u32, Arc<ProcRec>>, Option<Arc<ProcRec>>)> = snap
+        .containers
+        .iter()
+        .map(|_| (BTreeMap::new(), None))
+        .collect();
+    while let Some(done) = tasks.join_next().await {
+        let (ci, pid, init, rec) = done.map_err(|e| format!("restore task: {e}"))?;
+        let rec = rec?;
+        if init {
+            restored[ci].1 = Some(rec.clone());
+        }
+        restored[ci].0.insert(pid, rec);
+    }
+    let mut containers = BTreeMap::new();
+    for ((c, container), (procs, init)) in snap.containers.iter().zip(opened).zip(restored) {
         let Some(init) = init else {
             tracing::warn!(container = %c.id, "snapshot has no init process for this container; skipped");
             continue;
