@@ -82,6 +82,9 @@ pub async fn persist(shim: &Shim) {
     }
 }
 
+/// A container's restored processes by pid.
+type Procs = BTreeMap<u32, Arc<ProcRec>>;
+
 type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>;
 
 /// Takes over the UVM a snapshot describes.
@@ -147,7 +150,7 @@ pub async fn reattach(
             });
         }
     }
-    let mut restored: Vec<(BTreeMap<u32, Arc<ProcRec>>, Option<Arc<ProcRec>>)> = snap
+    let mut restored: Vec<(Procs, Option<Arc<ProcRec>>)> = snap
         .containers
         .iter()
         .map(|_| (BTreeMap::new(), None))
