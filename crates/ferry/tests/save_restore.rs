@@ -482,3 +482,40 @@ fn a_hundred_handoffs_with_twenty_writers_lose_nothing_and_leak_nothing() {
         }
     }
 }
+
+#[test]
+fn a_snapshot_pointing_at_another_uvms_agent_is_refused() {
+    if skip("wrong-UVM snapshot test") {
+        return;
+    }
+    let a = Env::new("wrong-a");
+    let b = Env::new("wrong-b");
+    let snap = PathBuf::from(a.ok(&["uvm", "save", "u"]).trim());
+    let b_agent = {
+        let info: serde_json::Value =
+            serde_json::from_str(&b.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
+        info["uvm"]["pid"].as_u64().unwrap()
+    };
+    // A's snapshot, re-signed, but naming B's agent.
+    let text = std::fs::read_to_string(&snap).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(text.split_once('\n').unwrap().1).unwrap();
+    v["uvm"]["agent_pid"] = b_agent.into();
+    let body = serde_json::to_vec_pretty(&v).unwrap();
+    let mut forged = format!(
+        "FERRY-SNAPSHOT 1 {} {:08x}\n",
+        body.len(),
+        crc32fast::hash(&body)
+    )
+    .into_bytes();
+    forged.extend_from_slice(&body);
+    let forged_path = a.state.join("forged");
+    std::fs::write(&forged_path, forged).unwrap();
+    let out = a.ferry(&["uvm", "restore", forged_path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another UVM"), "{err}");
+    // Nothing changed: B is still served, and A's own snapshot still restores.
+    b.ok(&["ps", "u"]);
+    a.ok(&["uvm", "restore", snap.to_str().unwrap()]);
+    a.ok(&["ps", "u"]);
+}

@@ -135,6 +135,17 @@ impl LocalUvm {
                 "pid {agent_pid} is not a ferry guest agent any more (the UVM is gone and its pid was reused)"
             )));
         }
+        // The agent of *this* UVM: it was started on this UVM's sockets.
+        let base = LocalUvm::new(config.clone()).socket_base();
+        let ours = cmdline
+            .split(|&b| b == 0)
+            .any(|arg| arg == base.as_os_str().as_encoded_bytes());
+        if !ours {
+            return Err(UvmError::Start(format!(
+                "pid {agent_pid} is the agent of another UVM (it does not serve {}): wrong snapshot for this UVM",
+                base.display()
+            )));
+        }
         let mut uvm = LocalUvm::new(config);
         let transport = uvm.transport();
         let mut bridge = transport
