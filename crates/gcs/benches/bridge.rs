@@ -11,6 +11,8 @@
 //! * `FERRY_BENCH_RUNTIME` — `current_thread` (default) or `multi_thread` for the host side;
 //! * `FERRY_BENCH_ECHO_RUNTIME` — the echo process's runtime: `current_thread` (default, as the
 //!   agent's own in `gcs::cli`) or `multi_thread` (2 workers, as the agent had before).
+//! * `FERRY_BENCH_CPUS` — `H,P`: pin the host side to CPU `H` and the agent and the echo process
+//!   to CPU `P`, so both cross the same pair of CPUs (unset: the scheduler places everything).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -61,6 +63,10 @@ fn main() {
         "current_thread" => tokio::runtime::Builder::new_current_thread(),
         other => panic!("FERRY_BENCH_RUNTIME={other:?}: use current_thread or multi_thread"),
     };
+    if let Some((host, _)) = placement() {
+        // Before the runtime exists: a current-thread runtime runs on this thread.
+        pin(0, host);
+    }
     let rt = builder.enable_all().build().expect("tokio runtime");
     let report = rt.block_on(run(flavour));
     println!("{}", serde_json::to_string_pretty(&report).expect("report"));
@@ -141,6 +147,43 @@ fn ctx_switches(pid: u32) -> u64 {
 
 fn per(count: u64, n: u64) -> f64 {
     round2(count as f64 / n.max(1) as f64)
+}
+
+/// `FERRY_BENCH_CPUS=H,P`: the host's CPU and the peers' (agent, echo process) CPU.
+fn placement() -> Option<(usize, usize)> {
+    let v = std::env::var("FERRY_BENCH_CPUS").ok()?;
+    let parsed = v
+        .split_once(',')
+        .and_then(|(h, p)| Some((h.trim().parse().ok()?, p.trim().parse().ok()?)));
+    Some(parsed.unwrap_or_else(|| panic!("FERRY_BENCH_CPUS={v:?}: use HOST_CPU,PEER_CPU")))
+}
+
+/// Pins every thread of `pid` (0: the calling thread) to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    let tids: Vec<i32> = if pid == 0 {
+        vec![0]
+    } else {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("threads of a benchmarked process")
+            .flatten()
+            .filter_map(|t| t.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    for tid in tids {
+        // SAFETY: cpu_set_t is plain data, initialised by CPU_ZERO before use.
+        let rc = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        assert_eq!(
+            rc,
+            0,
+            "pin {tid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// This process's CPU affinity, e.g. "0-1" (children inherit it).
@@ -406,6 +449,9 @@ async fn run(flavour: String) -> Value {
     let mut gcs = Gcs::start("bench").await;
     let conn = start_agent(&mut gcs, &bin, &log_level).await;
     let pid = gcs.pid();
+    if let Some((_, peer)) = placement() {
+        pin(pid, peer);
+    }
     let rss_idle = idle_rss_kb(pid).await;
     eprintln!("ferry-gcs pid {pid}: idle RSS {rss_idle} kB after connect + negotiate");
 
@@ -424,6 +470,9 @@ async fn run(flavour: String) -> Value {
     // runtime (the floor of a Unix-socket round trip, with no second process to wake).
     let echo_proc = start_echo_process(&gcs.dir.0, req_bytes.len(), resp_len);
     let echo_pid = echo_proc.child.id();
+    if let Some((_, peer)) = placement() {
+        pin(echo_pid, peer);
+    }
     let rss_echo = idle_rss_kb(echo_pid).await;
     let mut raw_s = UnixStream::connect(&echo_proc.path).await.unwrap();
     let (mut same_s, echo_end) = UnixStream::pair().unwrap();
@@ -492,6 +541,7 @@ async fn run(flavour: String) -> Value {
         "echo_runtime": echo_runtime(),
         // Pinning (taskset) changes the picture: no idle CPU to wake, so wake-up latency drops.
         "cpus_allowed": cpus_allowed(),
+        "cpus_host_peers": placement().map(|(h, p)| [h, p]),
         "request": "GetProperties(UVM, ProcessList)",
         "request_frame_bytes": req_bytes.len(),
         "response_frame_bytes": resp_len,
