@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Every stdio stream costs descriptors (a listener, a connection, a log file): lift the
     // soft limit to the hard one, as servers do, so thousands of processes fit.
-    raise_fd_limit();
+    gcs::cli::raise_fd_limit();
     // The agent starts before any runtime or thread exists (it may fork into namespaces).
     let cli = match cli.command {
         Command::Gcs(args) => return gcs::cli::main(args),
@@ -108,19 +108,5 @@ async fn dispatch(root: &std::path::Path, command: Command, json: bool) -> comma
             force,
         } => commands::rm(root, &uvm, container, force, json).await,
         Command::Shim { .. } | Command::Gcs(_) => unreachable!("handled in main"),
-    }
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }

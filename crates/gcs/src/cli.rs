@@ -166,7 +166,9 @@ pub fn main(args: Args) -> std::process::ExitCode {
     std::process::ExitCode::from(code)
 }
 
-fn raise_fd_limit() {
+/// Lifts the open-file soft limit to the hard one (shared with `ferry`, whose shim needs it
+/// for the same reason).
+pub fn raise_fd_limit() {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

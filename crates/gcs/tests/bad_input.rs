@@ -182,16 +182,14 @@ async fn bad_ids_and_ports() {
             command_args: vec!["true".into()],
             ..Default::default()
         };
-        let req = Request::ExecuteProcess(ExecuteProcessRequest {
-            base: base(UVM),
-            settings: ExecuteProcessSettings {
-                process_parameters: bridge::JsonString(params),
-                vsock_stdio_relay_settings: StdioPorts {
-                    std_out: port,
-                    ..Default::default()
-                },
+        let req = exec_req(
+            UVM,
+            params,
+            StdioPorts {
+                std_out: port,
+                ..Default::default()
             },
-        });
+        );
         let r = conn.call(req).await;
         expect_code(&r, hresult::E_INVALID_ARG, "outside the stdio port range");
     }
@@ -201,16 +199,14 @@ async fn bad_ids_and_ports() {
         ..Default::default()
     };
     let port = gcs.alloc_port();
-    let req = Request::ExecuteProcess(ExecuteProcessRequest {
-        base: base(UVM),
-        settings: ExecuteProcessSettings {
-            process_parameters: bridge::JsonString(params),
-            vsock_stdio_relay_settings: StdioPorts {
-                std_out: port,
-                ..Default::default()
-            },
+    let req = exec_req(
+        UVM,
+        params,
+        StdioPorts {
+            std_out: port,
+            ..Default::default()
         },
-    });
+    );
     let r = conn.call(req).await;
     expect_code(&r, hresult::E_FAIL, &format!("{port:#x}"));
     let r = conn

@@ -58,15 +58,14 @@ async fn container_runs_in_its_own_namespaces_and_root() {
 
     // A second process joins the running container (OciProcess set).
     let exec = ProcessParameters {
-        oci_process: Some(Box::new(
-            serde_json::from_value(serde_json::json!({
-                "user": {"uid": 0, "gid": 0},
-                "args": ["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo"],
-                "env": ["PATH=/bin"],
-                "cwd": "/tmp"
-            }))
-            .unwrap(),
-        )),
+        oci_process: oci_process(
+            &[
+                "sh",
+                "-c",
+                "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo",
+            ],
+            "/tmp",
+        ),
         create_std_out_pipe: true,
         ..Default::default()
     };
@@ -81,15 +80,7 @@ async fn container_runs_in_its_own_namespaces_and_root() {
     // Release the init. (This process may die with it: a container's processes are killed
     // when its init exits, so its own exit code is not checked.)
     let release = ProcessParameters {
-        oci_process: Some(Box::new(
-            serde_json::from_value(serde_json::json!({
-                "user": {"uid": 0, "gid": 0},
-                "args": ["sh", "-c", "echo go > /tmp/go"],
-                "env": ["PATH=/bin"],
-                "cwd": "/"
-            }))
-            .unwrap(),
-        )),
+        oci_process: oci_process(&["sh", "-c", "echo go > /tmp/go"], "/"),
         ..Default::default()
     };
     let (resp, _) = gcs

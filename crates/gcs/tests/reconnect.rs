@@ -229,16 +229,14 @@ async fn resumable_stdout_survives_broken_connections_without_gaps_or_duplicates
         ferry_resumable_stdio: true,
         ..Default::default()
     };
-    let req = Request::ExecuteProcess(ExecuteProcessRequest {
-        base: base(UVM),
-        settings: ExecuteProcessSettings {
-            process_parameters: bridge::JsonString(params),
-            vsock_stdio_relay_settings: StdioPorts {
-                std_out: port,
-                ..Default::default()
-            },
+    let req = exec_req(
+        UVM,
+        params,
+        StdioPorts {
+            std_out: port,
+            ..Default::default()
         },
-    });
+    );
     let (_, rx) = conn.send(&req).await;
     let Response::ExecuteProcess(e) = within("exec", rx).await.unwrap() else {
         panic!()

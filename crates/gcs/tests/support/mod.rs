@@ -468,14 +468,7 @@ impl Gcs {
                 listeners.push((i, self.transport.listen(port).await.unwrap()));
             }
         }
-        let req = Request::ExecuteProcess(ExecuteProcessRequest {
-            base: base(container),
-            settings: ExecuteProcessSettings {
-                process_parameters: bridge::JsonString(params),
-                vsock_stdio_relay_settings: ports,
-            },
-        });
-        let (_, rx) = conn.send(&req).await;
+        let (_, rx) = conn.send(&exec_req(container, params, ports)).await;
         let resp = within("ExecuteProcess response", rx)
             .await
             .expect("response");
@@ -534,6 +527,30 @@ impl Gcs {
         }))
         .await
     }
+}
+
+/// An ExecuteProcess request with the given stdio ports.
+pub fn exec_req(container: &str, params: ProcessParameters, ports: StdioPorts) -> Request {
+    Request::ExecuteProcess(ExecuteProcessRequest {
+        base: base(container),
+        settings: ExecuteProcessSettings {
+            process_parameters: bridge::JsonString(params),
+            vsock_stdio_relay_settings: ports,
+        },
+    })
+}
+
+/// The OCI process of an exec into a container (root, PATH=/bin).
+pub fn oci_process(args: &[&str], cwd: &str) -> Option<Box<oci_spec::runtime::Process>> {
+    let p = serde_json::json!({
+        "user": {"uid": 0, "gid": 0},
+        "args": args,
+        "env": ["PATH=/bin"],
+        "cwd": cwd
+    });
+    Some(Box::new(
+        serde_json::from_value(p).expect("valid OCI process"),
+    ))
 }
 
 pub fn wait_req(container: &str, pid: u32, timeout_in_ms: u32) -> Request {
