@@ -89,9 +89,30 @@ fn assert_counter(text: &str, n: u32) {
     assert_eq!(got, want, "stdout has a gap or a duplicate");
 }
 
-/// Waits until no process on this machine runs a command line containing `needle` (the
-/// processes are not our children: a pidfd per match tells when each is gone).
-fn wait_gone(needle: &str) {
+/// The parent pid of `pid`, from /proc (None once it is gone).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: the fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` descends from `ancestor`.
+fn descends_from(mut pid: i32, ancestor: i32) -> bool {
+    while pid > 1 {
+        match parent_of(pid) {
+            Some(p) if p == ancestor => return true,
+            Some(p) => pid = p,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// Waits until no process under the UVM's agent (`agent` pid) runs a command line containing
+/// `needle`. Only the agent's descendants count: other tests run the same scripts, and a pid
+/// of this machine's small pid space may belong to anything.
+fn wait_gone(agent: i32, needle: &str) {
     let pids: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -99,6 +120,7 @@ fn wait_gone(needle: &str) {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| String::from_utf8_lossy(&c).contains(needle))
                 .unwrap_or(false)
+                && descends_from(*pid, agent)
         })
         .collect();
     for pid in pids {
@@ -106,10 +128,11 @@ fn wait_gone(needle: &str) {
     }
 }
 
-/// Waits for a process that is not our child to end (pidfd + poll).
+/// Waits for a process that is not our child to end (pidfd + poll); says what it was doing
+/// if it does not.
 fn wait_pid_gone(pid: i32) {
     // SAFETY: pidfd_open and poll on a descriptor we own.
-    unsafe {
+    let ended = unsafe {
         let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
         if fd < 0 {
             return; // already gone
@@ -119,12 +142,19 @@ fn wait_pid_gone(pid: i32) {
             events: libc::POLLIN,
             revents: 0,
         };
-        assert_eq!(
-            libc::poll(&mut p, 1, 30_000),
-            1,
-            "process {pid} did not end"
-        );
+        let n = libc::poll(&mut p, 1, 30_000);
         libc::close(fd);
+        n == 1
+    };
+    if !ended {
+        let read =
+            |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+        panic!(
+            "process {pid} did not end within 30 s: cmdline {:?}, wchan {:?}\n{}",
+            read("cmdline"),
+            read("wchan"),
+            read("status")
+        );
     }
 }
 
@@ -201,8 +231,11 @@ fn upgrade_and_save_restore_lose_nothing() {
         "nobody serves the UVM between save and restore"
     );
     // The short writers finish while no host is connected (their output is kept by the guest).
+    let agent = serde_json::from_str::<serde_json::Value>(&shim_after).unwrap()["uvm"]["pid"]
+        .as_i64()
+        .expect("agent pid") as i32;
     for script in ["exit 3", "kill -9"] {
-        wait_gone(script);
+        wait_gone(agent, script);
     }
     e.ok(&["uvm", "restore", snap.trim()]);
     // Restoring the same snapshot again is refused with the reason.

@@ -16,6 +16,8 @@ use transport::{Listener, Side, Transport};
 
 /// Longest Unix socket path (sun_path) minus room for the `_<port>` suffix.
 const MAX_SOCKET_BASE: usize = 107 - 11;
+/// Where cgroup v2 is mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, Clone)]
 pub struct LocalConfig {
@@ -168,7 +170,7 @@ impl LocalUvm {
             prepare,
         )
         .await?;
-        let cg = Path::new("/sys/fs/cgroup/ferry").join(&uvm.config.name);
+        let cg = uvm.cgroup_dir();
         uvm.cgroup = cg.exists().then_some(cg);
         uvm.adopted = Some(agent_pid);
         uvm.pid = Some(agent_pid);
@@ -205,12 +207,24 @@ impl LocalUvm {
         out
     }
 
+    /// This UVM's cgroup. Named after the UVM and its state directory: two state directories
+    /// may both hold a UVM called "u", and pausing one must not freeze the other.
+    fn cgroup_dir(&self) -> PathBuf {
+        // FNV-1a: stable across builds, unlike std's hasher.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.config.state_dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+        Path::new(CGROUP_ROOT)
+            .join("ferry")
+            .join(format!("{}-{h:08x}", self.config.name))
+    }
+
     fn make_cgroup(&self) -> Option<PathBuf> {
-        let root = Path::new("/sys/fs/cgroup");
-        if !self.config.isolate || !root.join("cgroup.controllers").exists() {
+        if !self.config.isolate || !Path::new(CGROUP_ROOT).join("cgroup.controllers").exists() {
             return None;
         }
-        let dir = root.join("ferry").join(&self.config.name);
+        let dir = self.cgroup_dir();
         match std::fs::create_dir_all(&dir) {
             Ok(()) => Some(dir),
             Err(e) => {
@@ -375,14 +389,14 @@ impl UtilityVm for LocalUvm {
     }
 
     async fn pause(&mut self) -> Result<()> {
-        if self.child.is_none() {
+        if self.child.is_none() && self.adopted.is_none() {
             return Err(UvmError::NotRunning);
         }
         self.freeze(true)
     }
 
     async fn resume(&mut self) -> Result<()> {
-        if self.child.is_none() {
+        if self.child.is_none() && self.adopted.is_none() {
             return Err(UvmError::NotRunning);
         }
         self.freeze(false)
