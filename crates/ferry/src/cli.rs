@@ -103,6 +103,9 @@ pub enum Command {
         /// Take over the running UVM this snapshot describes.
         #[arg(long)]
         restore: Option<PathBuf>,
+        /// Per-stream log limit in MiB (a restore keeps the snapshot's).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        log_limit: Option<u64>,
     },
     /// (internal) The guest agent, as `ferry-gcs`.
     #[command(hide = true)]
@@ -117,6 +120,11 @@ pub enum UvmCommand {
         /// Run the agent without namespaces of its own (no root needed; no containers either).
         #[arg(long)]
         no_isolate: bool,
+        /// Keep at most this many MiB of each process's stdout and of its stderr on disk;
+        /// older output is dropped (an attached client still receives every byte).
+        #[arg(long, value_name = "MIB", default_value_t = 64,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+        log_limit: u64,
     },
     /// Stop a UVM: every container and process in it ends.
     Stop { name: String },

@@ -30,7 +30,8 @@ pub async fn request(
         _ => format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()),
     })?;
     let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
+    // Large: a streaming session reads output frames of up to 64 KiB.
+    let mut r = BufReader::with_capacity(4 * control::MAX_PAYLOAD, r);
     control::write_line(&mut w, req)
         .await
         .map_err(|e| format!("sending the request to UVM {uvm:?}: {e}"))?;
@@ -159,23 +160,32 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
     // thread, and Rust's std stdout is line-buffered; both cost throughput here.
     let mut stdout = raw_fd(1);
     let mut stderr = raw_fd(2);
+    let mut data = Vec::with_capacity(control::MAX_PAYLOAD);
     let result = loop {
-        match control::read_frame(&mut r).await {
-            Ok(Some((tag::STDOUT, data))) => {
+        match control::read_frame_into(&mut r, &mut data).await {
+            Ok(Some(tag::STDOUT)) => {
                 if stdout.write_all(&data).is_err() {
                     break Err("stdout closed".to_string());
                 }
             }
-            Ok(Some((tag::STDERR, data))) => {
+            Ok(Some(tag::STDERR)) => {
                 let _ = stderr.write_all(&data);
             }
-            Ok(Some((tag::EXIT, data))) if data.len() == 4 => {
+            Ok(Some(tag::DROPPED)) if data.len() == 8 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&data);
+                eprintln!(
+                    "ferry: {} bytes of earlier output were dropped (beyond the UVM's log limit, `ferry uvm start --log-limit`)",
+                    u64::from_le_bytes(n)
+                );
+            }
+            Ok(Some(tag::EXIT)) if data.len() == 4 => {
                 break Ok(Some(i32::from_le_bytes([
                     data[0], data[1], data[2], data[3],
                 ])));
             }
-            Ok(Some((tag::ERROR, data))) => break Err(String::from_utf8_lossy(&data).into_owned()),
-            Ok(Some((t, _))) => break Err(format!("unexpected frame {t} from the shim")),
+            Ok(Some(tag::ERROR)) => break Err(String::from_utf8_lossy(&data).into_owned()),
+            Ok(Some(t)) => break Err(format!("unexpected frame {t} from the shim")),
             Ok(None) => break Ok(None),
             Err(e) => break Err(format!("lost the connection to the shim: {e}")),
         }

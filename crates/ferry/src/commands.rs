@@ -222,17 +222,21 @@ pub async fn ps(root: &Path, uvm: &str, container: Option<String>, json: bool) -
 
 pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
     match cmd {
-        UvmCommand::Start { name, no_isolate } => {
+        UvmCommand::Start {
+            name,
+            no_isolate,
+            log_limit,
+        } => {
             paths::validate_uvm_name(&name)?;
             if client::request(root, &name, &Request::Info).await.is_ok() {
                 return Err(format!("UVM {name:?} is already running"));
             }
-            let extra: &[&str] = if no_isolate {
-                &["--isolate=false"]
-            } else {
-                &[]
-            };
-            let pid = spawn_shim(root, &name, extra).await?;
+            let limit = format!("--log-limit={log_limit}");
+            let mut extra = vec![limit.as_str()];
+            if no_isolate {
+                extra.push("--isolate=false");
+            }
+            let pid = spawn_shim(root, &name, &extra).await?;
             report_started(&name, pid, &UvmPaths::new(root, &name), json);
             Ok(0)
         }

@@ -133,6 +133,8 @@ pub mod tag {
     pub const EXIT: u8 = 3;
     /// Payload: UTF-8 text. The last frame of a stream.
     pub const ERROR: u8 = 4;
+    /// Payload: u64 LE, bytes of output skipped because the log limit dropped them.
+    pub const DROPPED: u8 = 5;
     pub const STDIN: u8 = 16;
     pub const STDIN_EOF: u8 = 17;
     /// Payload: rows u16 LE, columns u16 LE.
@@ -185,12 +187,31 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
     let mut head = [0u8; 5];
     head[0] = tag;
     head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    w.write_all(&head).await?;
-    w.write_all(payload).await
+    // Header and payload in one system call (a stream relays one frame per chunk of output).
+    let bufs = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
+    let n = w.write_vectored(&bufs).await?;
+    if n < head.len() {
+        w.write_all(&head[n..]).await?;
+        w.write_all(payload).await
+    } else {
+        w.write_all(&payload[n - head.len()..]).await
+    }
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of stream.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut payload = Vec::new();
+    Ok(read_frame_into(r, &mut payload)
+        .await?
+        .map(|t| (t, payload)))
+}
+
+/// Reads one frame's payload into `payload` (reused across calls); returns its tag, or
+/// `Ok(None)` at a clean end of stream.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    payload: &mut Vec<u8>,
+) -> std::io::Result<Option<u8>> {
     let mut head = [0u8; 5];
     match r.read_exact(&mut head).await {
         Ok(_) => {}
@@ -204,9 +225,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Opti
             format!("control frame of {len} bytes exceeds {MAX_PAYLOAD}"),
         ));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
-    Ok(Some((head[0], payload)))
+    payload.resize(len, 0);
+    r.read_exact(payload).await?;
+    Ok(Some(head[0]))
 }
 
 #[cfg(test)]

@@ -35,11 +35,18 @@ fn main() -> ExitCode {
         _ => cli,
     };
     let root = cli.state_dir.clone().unwrap_or_else(paths::state_root);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    // The shim serves many clients and streams at once: two workers. A CLI command is one
+    // client relaying one session: a single thread, so a relayed chunk never has to wake
+    // another thread (that cross-thread wakeup dominated the CLI's cost per chunk).
+    let mut builder = match cli.command {
+        Command::Shim { .. } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");
@@ -53,9 +60,11 @@ fn main() -> ExitCode {
                 name,
                 isolate,
                 restore,
+                log_limit,
             } => {
                 init_logging("info");
-                Ok(shim::run(&name, root, isolate, restore).await)
+                let log_limit = log_limit.map(|mib| mib << 20);
+                Ok(shim::run(&name, root, isolate, restore, log_limit).await)
             }
             other => {
                 init_logging("warn");

@@ -29,6 +29,13 @@ pub struct UvmState {
     pub backend: String,
     pub state_dir: PathBuf,
     pub agent_pid: u32,
+    /// Bytes of each process's stdout/stderr kept on disk (absent in older snapshots).
+    #[serde(default = "default_log_limit")]
+    pub log_limit: u64,
+}
+
+fn default_log_limit() -> u64 {
+    crate::shim::output::DEFAULT_LOG_LIMIT
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +210,7 @@ mod tests {
                 backend: "local".into(),
                 state_dir: "/run/ferry/uvms/u".into(),
                 agent_pid: 42,
+                log_limit: 1 << 20,
             },
             connection: ConnectionState {
                 next_id: 1234,

@@ -28,6 +28,11 @@ struct Env {
 
 impl Env {
     fn new(tag: &str) -> Env {
+        Env::with(tag, &[])
+    }
+
+    /// With extra `uvm start` options.
+    fn with(tag: &str, start: &[&str]) -> Env {
         let n = N.fetch_add(1, Ordering::Relaxed);
         let state = PathBuf::from(format!("/tmp/fc-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
@@ -35,7 +40,7 @@ impl Env {
             state,
             uvm: "u".into(),
         };
-        let out = env.ferry(&["uvm", "start", "u"]);
+        let out = env.ferry(&[&["uvm", "start", "u"], start].concat());
         assert!(
             out.status.success(),
             "uvm start: {}",
@@ -491,4 +496,33 @@ fn the_control_socket_survives_garbage() {
     assert!(ask(&huge).contains("\"ok\":false"));
     // Still serving.
     assert_eq!(code(&e.ferry(&["run", "u", "--", "true"])), 0);
+}
+
+#[test]
+fn logs_are_bounded_but_an_attached_client_gets_everything() {
+    if skip("log limit test") {
+        return;
+    }
+    let e = Env::with("limit", &["--log-limit", "1"]);
+    // 3 MiB through a 1 MiB log: the attached client receives every byte in order.
+    let script = "i=0; while [ $i -lt 49152 ]; do printf '%063d\\n' $i; i=$((i+1)); done";
+    let out = e.ferry(&["run", "u", "--id", "big", "--", "sh", "-c", script]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(out.stdout.len(), 3 << 20, "the attached client lost output");
+    for (i, line) in out.stdout.split(|b| *b == b'\n').take(49152).enumerate() {
+        assert_eq!(line, format!("{i:063}").as_bytes(), "line {i}");
+    }
+    // The log kept the last 1 MiB, and says what it dropped.
+    let logs = e.ferry(&["logs", "u", "big"]);
+    assert_eq!(code(&logs), 0, "{}", stderr(&logs));
+    assert_eq!(logs.stdout.len(), 1 << 20);
+    assert!(
+        logs.stdout
+            .starts_with(format!("{:063}\n", 49152 - 16384).as_bytes())
+    );
+    assert!(
+        stderr(&logs).contains(&format!("{} bytes of earlier output were dropped", 2 << 20)),
+        "{}",
+        stderr(&logs)
+    );
 }

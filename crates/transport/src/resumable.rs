@@ -8,8 +8,9 @@
 //! breaks is never mistaken for the end.
 //!
 //! Wire format, per connection:
-//! * hello, each way: `"FRS1"`, flags `u8` (bit 0: end of stream received), 3 reserved bytes,
-//!   received `u64` LE (16 bytes);
+//! * hello, each way: `"FRS1"`, flags `u8` (bit 0: end of stream received), ack hint `u24` LE
+//!   (a sender: "acknowledge at least every this many KiB", half its window; 0: acknowledge
+//!   whenever I pause), received `u64` LE (16 bytes);
 //! * then frames `[kind u8][len u32 LE][payload]`: data (1..=[`MAX_CHUNK`] bytes), end of
 //!   stream (empty), ack (`received u64 LE`, `eof u8`).
 //!
@@ -29,8 +30,11 @@ use tokio::sync::Notify;
 pub const MAX_CHUNK: usize = 64 * 1024;
 /// Default bound on unacknowledged bytes a sender keeps.
 pub const DEFAULT_WINDOW: usize = 4 << 20;
-/// A receiver acknowledges at least this often, and whenever the sender pauses.
+/// A receiver acknowledges at least this often (and more often if the sender's hint asks).
 const ACK_EVERY: u64 = 256 * 1024;
+/// A sender puts up to this much into one write (several frames), so a fast stream costs few
+/// system calls and wakeups on both sides.
+const SEND_BATCH: usize = 4 * MAX_CHUNK;
 /// How long the peer may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -48,12 +52,15 @@ fn protocol(msg: String) -> io::Error {
 struct Hello {
     received: u64,
     eof: bool,
+    /// From a sender: acknowledge at least every this many KiB (0: whenever it pauses).
+    ack_hint_kib: u32,
 }
 
 async fn exchange_hello(s: &mut BoxStream, mine: Hello) -> io::Result<Hello> {
     let mut out = [0u8; 16];
     out[..4].copy_from_slice(MAGIC);
     out[4] = mine.eof as u8;
+    out[5..8].copy_from_slice(&mine.ack_hint_kib.min(0xff_ffff).to_le_bytes()[..3]);
     out[8..].copy_from_slice(&mine.received.to_le_bytes());
     s.write_all(&out).await?;
     s.flush().await?;
@@ -77,20 +84,30 @@ async fn exchange_hello(s: &mut BoxStream, mine: Hello) -> io::Result<Hello> {
     Ok(Hello {
         received: u64::from_le_bytes(n),
         eof: peer[4] & 1 != 0,
+        ack_hint_kib: u32::from_le_bytes([peer[5], peer[6], peer[7], 0]),
     })
 }
 
 enum Frame {
-    Data(Vec<u8>),
+    /// A data frame's header: its payload (this many bytes) follows on the stream.
+    Data(usize),
     End,
-    Ack { received: u64, eof: bool },
+    Ack {
+        received: u64,
+        eof: bool,
+    },
+}
+
+fn frame_header(kind: u8, len: usize) -> [u8; 5] {
+    let mut h = [kind, 0, 0, 0, 0];
+    h[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    h
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, kind: u8, payload: &[u8]) -> io::Result<()> {
     // One write per frame: header and payload together.
     let mut frame = Vec::with_capacity(5 + payload.len());
-    frame.push(kind);
-    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&frame_header(kind, payload.len()));
     frame.extend_from_slice(payload);
     w.write_all(&frame).await?;
     w.flush().await
@@ -103,7 +120,8 @@ async fn write_ack<W: AsyncWrite + Unpin>(w: &mut W, received: u64, eof: bool) -
     write_frame(w, ACK, &p).await
 }
 
-/// Reads one frame; `None` when the connection ended.
+/// Reads one frame (a data frame's header only: the caller takes its payload); `None` when the
+/// connection ended.
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
     let mut head = [0u8; 5];
     match r.read_exact(&mut head).await {
@@ -113,11 +131,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>
     }
     let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
     match (head[0], len) {
-        (DATA, 1..=MAX_CHUNK) => {
-            let mut data = vec![0u8; len];
-            r.read_exact(&mut data).await?;
-            Ok(Some(Frame::Data(data)))
-        }
+        (DATA, 1..=MAX_CHUNK) => Ok(Some(Frame::Data(len))),
         (END, 0) => Ok(Some(Frame::End)),
         (ACK, 9) => {
             let mut p = [0u8; 9];
@@ -304,7 +318,15 @@ impl SenderDriver {
 
     /// One connection; Ok once the end of the stream is acknowledged.
     async fn serve(&self, mut s: BoxStream) -> io::Result<()> {
-        let peer = exchange_hello(&mut s, Hello::default()).await?;
+        // Asking for acknowledgements every half window keeps the producer from ever waiting
+        // on an acknowledgement the receiver has no reason to send; a window too small to
+        // express in KiB falls back to "whenever I pause".
+        let half_window_kib = (self.shared.window / 2 / 1024) as u32;
+        let mine = Hello {
+            ack_hint_kib: half_window_kib,
+            ..Hello::default()
+        };
+        let peer = exchange_hello(&mut s, mine).await?;
         let mut cursor = {
             let mut st = self.shared.lock();
             st.ack(peer.received)?;
@@ -342,7 +364,7 @@ impl SenderDriver {
                             return Ok::<(), io::Error>(());
                         }
                     }
-                    Some(_) => return Err(protocol("data sent to a sender".into())),
+                    Some(_) => return Err(protocol("data or end sent to a sender".into())),
                     None => {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -355,7 +377,8 @@ impl SenderDriver {
         let shared = self.shared.clone();
         let sends = async move {
             let mut end_sent = false;
-            let mut chunk = Vec::with_capacity(MAX_CHUNK);
+            // Reused for every write: up to SEND_BATCH bytes of frames.
+            let mut out = Vec::with_capacity(SEND_BATCH + 5 * (SEND_BATCH / MAX_CHUNK + 1));
             loop {
                 let more = shared.more.notified();
                 tokio::pin!(more);
@@ -365,21 +388,29 @@ impl SenderDriver {
                     // Acks may have moved past the cursor (never beyond what was sent).
                     cursor = cursor.max(st.acked);
                     let start = (cursor - st.acked) as usize;
-                    chunk.clear();
-                    let n = (st.buf.len() - start).min(MAX_CHUNK);
+                    out.clear();
+                    let n = (st.buf.len() - start).min(SEND_BATCH);
                     let (a, b) = st.buf.as_slices();
-                    if start < a.len() {
-                        chunk.extend_from_slice(&a[start..(start + n).min(a.len())]);
+                    let mut pos = start;
+                    while pos < start + n {
+                        let len = (start + n - pos).min(MAX_CHUNK);
+                        out.extend_from_slice(&frame_header(DATA, len));
+                        // The frame's bytes may straddle the deque's two slices.
+                        let (from, to) = (pos, pos + len);
+                        if from < a.len() {
+                            out.extend_from_slice(&a[from..to.min(a.len())]);
+                        }
+                        if to > a.len() {
+                            out.extend_from_slice(&b[from.max(a.len()) - a.len()..to - a.len()]);
+                        }
+                        pos = to;
                     }
-                    if chunk.len() < n {
-                        let from = start.saturating_sub(a.len());
-                        chunk.extend_from_slice(&b[from..from + (n - chunk.len())]);
-                    }
-                    chunk.is_empty() && st.finished && !end_sent
+                    cursor += n as u64;
+                    n == 0 && st.finished && !end_sent
                 };
-                if !chunk.is_empty() {
-                    write_frame(&mut w, DATA, &chunk).await?;
-                    cursor += chunk.len() as u64;
+                if !out.is_empty() {
+                    w.write_all(&out).await?;
+                    w.flush().await?;
                 } else if send_end {
                     write_frame(&mut w, END, &[]).await?;
                     end_sent = true;
@@ -446,7 +477,8 @@ impl Receiver {
         sink.flush().await
     }
 
-    /// One connection: bytes go to `sink` and are acknowledged once written there.
+    /// One connection: bytes go to `sink` and are acknowledged once written there and the
+    /// sink flushed (a sink that records its progress durably does so on flush).
     pub async fn serve<W: AsyncWrite + Unpin>(
         &mut self,
         mut s: BoxStream,
@@ -455,29 +487,44 @@ impl Receiver {
         let hello = Hello {
             received: self.received,
             eof: self.eof,
+            ack_hint_kib: 0,
         };
-        exchange_hello(&mut s, hello).await?;
+        let peer = exchange_hello(&mut s, hello).await?;
+        // A sender that gave a hint gets acknowledgements that often (it never waits for more
+        // than half its window); one that did not, whenever it pauses as well.
+        let (ack_every, ack_on_pause) = match peer.ack_hint_kib {
+            0 => (ACK_EVERY, true),
+            kib => (ACK_EVERY.min(u64::from(kib) * 1024), false),
+        };
         let (r, mut w) = tokio::io::split(s);
         let mut r = tokio::io::BufReader::with_capacity(2 * MAX_CHUNK, r);
         let mut acked = self.received;
         while !self.eof {
             match read_frame(&mut r).await? {
-                Some(Frame::Data(d)) => {
-                    // Count exactly what the sink took, even if it fails part-way: those bytes
-                    // must not come again.
-                    let mut off = 0;
-                    while off < d.len() {
-                        let n = sink.write(&d[off..]).await?;
+                Some(Frame::Data(mut left)) => {
+                    // Straight from the read buffer to the sink. Count exactly what the sink
+                    // took, even if it fails part-way: those bytes must not come again.
+                    use tokio::io::AsyncBufReadExt;
+                    while left > 0 {
+                        let buf = r.fill_buf().await?;
+                        if buf.is_empty() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed inside a data frame",
+                            ));
+                        }
+                        let take = buf.len().min(left);
+                        let n = sink.write(&buf[..take]).await?;
                         if n == 0 {
                             return Err(io::Error::new(
                                 io::ErrorKind::WriteZero,
                                 "sink accepts no more",
                             ));
                         }
-                        off += n;
+                        r.consume(n);
+                        left -= n;
                         self.received += n as u64;
                     }
-                    sink.flush().await?;
                 }
                 Some(Frame::End) => self.eof = true,
                 Some(Frame::Ack { .. }) => return Err(protocol("ack sent to a receiver".into())),
@@ -488,9 +535,14 @@ impl Receiver {
                     ));
                 }
             }
-            // Acknowledge in batches, and whenever the sender has paused (nothing more is
-            // waiting): a sender blocked on a full window is always released.
-            if self.eof || self.received - acked >= ACK_EVERY || !more_waiting(&mut r).await {
+            // Acknowledge in batches, and (for a sender without a hint) whenever it has paused:
+            // a sender blocked on a full window is always released.
+            if self.eof
+                || self.received - acked >= ack_every
+                || (ack_on_pause && !more_waiting(&mut r).await)
+            {
+                // What is acknowledged must be safe in the sink first: the sender drops it.
+                sink.flush().await?;
                 write_ack(&mut w, self.received, self.eof).await?;
                 acked = self.received;
             }
@@ -621,6 +673,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_window_too_small_for_a_hint_still_flows() {
+        // Under 2 KiB the sender gives no acknowledgement hint: the receiver must then
+        // acknowledge whenever the sender pauses, or the producer would wait forever.
+        let data = pattern(100_000);
+        assert_eq!(transfer(data.clone(), 1000, 0, 0).await, data);
+        assert_eq!(transfer(data.clone(), 1000, 7_001, 5).await, data);
+    }
+
+    #[tokio::test]
+    async fn the_hello_carries_the_ack_hint() {
+        let (a, b) = tokio::io::duplex(1024);
+        let (mut a, mut b): (BoxStream, BoxStream) = (Box::new(a), Box::new(b));
+        let mine = Hello {
+            received: 5,
+            eof: true,
+            ack_hint_kib: 0x12_3456,
+        };
+        let (got_b, got_a) = tokio::join!(
+            exchange_hello(&mut a, mine),
+            exchange_hello(&mut b, Hello::default())
+        );
+        assert_eq!(got_b.unwrap(), Hello::default());
+        assert_eq!(got_a.unwrap(), mine);
+    }
+
+    #[tokio::test]
     async fn the_producer_waits_when_the_window_is_full() {
         let (sender, _driver) = sender(1000);
         sender.write_all(&[1; 1000]).await.unwrap();
@@ -666,7 +744,7 @@ mod tests {
             &mut b,
             Hello {
                 received: 99,
-                eof: false,
+                ..Hello::default()
             },
         )
         .await

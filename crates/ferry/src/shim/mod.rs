@@ -41,6 +41,8 @@ pub struct Shim {
     pub stop: watch::Sender<bool>,
     /// One snapshot write at a time.
     pub persist_lock: tokio::sync::Mutex<()>,
+    /// Bytes of each captured stream kept on disk (see [`output`]).
+    pub log_limit: u64,
 }
 
 fn report_ready(message: &str) {
@@ -56,13 +58,14 @@ pub async fn run(
     root: PathBuf,
     isolate: Option<bool>,
     restore: Option<PathBuf>,
+    log_limit: Option<u64>,
 ) -> i32 {
     // Only the shim may hold the readiness pipe: the agent it starts must not inherit it, or
     // `ferry uvm start` would wait for the agent to exit.
     // SAFETY: F_SETFD on a descriptor number; harmless if fd 3 is not open.
     unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     let paths = UvmPaths::new(&root, name);
-    let result = serve(name, root, paths.clone(), isolate, restore).await;
+    let result = serve(name, root, paths.clone(), isolate, restore, log_limit).await;
     let _ = std::fs::remove_file(paths.control());
     match result {
         Ok(()) => 0,
@@ -80,6 +83,7 @@ async fn serve(
     paths: UvmPaths,
     isolate: Option<bool>,
     restore: Option<PathBuf>,
+    log_limit: Option<u64>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(&paths.dir)
         .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
@@ -93,14 +97,20 @@ async fn serve(
     if let Ok(level) = std::env::var("FERRY_GCS_LOG") {
         config.gcs_log_level = level;
     }
-    let (uvm, conn, containers) = match restore {
+    let (uvm, conn, containers, saved_limit) = match restore {
         None => {
             let mut uvm = LocalUvm::new(config);
             let conn = uvm.start().await.map_err(|e| e.to_string())?;
-            (uvm, conn, BTreeMap::new())
+            (uvm, conn, BTreeMap::new(), None)
         }
-        Some(path) => restore::reattach(config, &path).await?,
+        Some(path) => {
+            let (uvm, conn, containers, limit) = restore::reattach(config, &path).await?;
+            (uvm, conn, containers, Some(limit))
+        }
     };
+    let log_limit = log_limit
+        .or(saved_limit)
+        .unwrap_or(output::DEFAULT_LOG_LIMIT);
 
     let control = paths.control();
     let _ = std::fs::remove_file(&control);
@@ -120,6 +130,7 @@ async fn serve(
         stopping: std::sync::atomic::AtomicBool::new(false),
         stop: watch::channel(false).0,
         persist_lock: tokio::sync::Mutex::new(()),
+        log_limit,
     });
     // A fresh snapshot from the start: recoverable even before the first change.
     restore::persist(&shim).await;

@@ -1,7 +1,7 @@
 //! One function per control request.
 
 use super::Shim;
-use super::state::{ContainerRec, ProcRec};
+use super::state::{ContainerRec, Logs, ProcRec};
 use super::stream::{self, StreamPlan};
 use crate::control::{self, ProcessSpec, Reply, Request, Rootfs};
 use crate::spec;
@@ -63,6 +63,8 @@ pub async fn dispatch(
     };
     match outcome {
         Ok((data, plan)) => {
+            // However the session ends (even before it starts), the capture stops waiting.
+            let _release = plan.as_ref().map(|p| stream::ReleaseHolds(p.rec.clone()));
             let written = control::write_line(&mut w, &Reply::ok(data)).await;
             if is_stop {
                 shim.stop.send_replace(true);
@@ -281,7 +283,7 @@ async fn run(shim: &Shim, id: Option<String>, rootfs: Rootfs, p: ProcessSpec) ->
         p.args.clone(),
         p.tty,
         true,
-        &shim.paths.logs().join(&id),
+        Logs::new(&shim.paths.logs().join(&id), shim.log_limit, !p.detach),
     )
     .map_err(|e| format!("cannot capture output: {e}"))?;
     let pid = rec.pid;
@@ -306,6 +308,7 @@ async fn run(shim: &Shim, id: Option<String>, rootfs: Rootfs, p: ProcessSpec) ->
         from_start: true,
         follow: true,
         stdin: p.stdin,
+        attached: true,
     });
     Ok((json!({"container": id, "pid": pid}), plan))
 }
@@ -334,7 +337,7 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
         p.args.clone(),
         p.tty,
         false,
-        &shim.paths.logs().join(id),
+        Logs::new(&shim.paths.logs().join(id), shim.log_limit, !p.detach),
     )
     .map_err(|e| format!("cannot capture output: {e}"))?;
     let pid = rec.pid;
@@ -352,6 +355,7 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
         from_start: true,
         follow: true,
         stdin: p.stdin,
+        attached: true,
     });
     Ok((json!({"container": id, "pid": pid}), plan))
 }
@@ -372,6 +376,7 @@ fn attach(shim: &Shim, container: &str, pid: Option<u32>) -> Outcome {
             from_start: false,
             follow: true,
             stdin: true,
+            attached: true,
         }),
     ))
 }
@@ -386,6 +391,7 @@ fn logs(shim: &Shim, container: &str, pid: Option<u32>, follow: bool) -> Outcome
             from_start: true,
             follow,
             stdin: false,
+            attached: false,
         }),
     ))
 }

@@ -5,7 +5,8 @@
 //! hold); probe each process once in case it exited while nobody was connected.
 
 use super::Shim;
-use super::state::{ContainerRec, ProcRec};
+use super::output;
+use super::state::{ContainerRec, Logs, ProcRec};
 use crate::snapshot::{self, ContainerState, ProcessState, Snapshot, UvmState};
 use bridge::Rpc;
 use bridge::message::Response;
@@ -60,6 +61,7 @@ pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
             backend: "local".into(),
             state_dir: shim.paths.dir.clone(),
             agent_pid,
+            log_limit: shim.log_limit,
         },
         connection: shim.conn.state(),
         containers,
@@ -91,7 +93,15 @@ type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>
 pub async fn reattach(
     mut config: LocalConfig,
     path: &Path,
-) -> Result<(LocalUvm, GuestConnection, BTreeMap<String, ContainerRec>), String> {
+) -> Result<
+    (
+        LocalUvm,
+        GuestConnection,
+        BTreeMap<String, ContainerRec>,
+        u64,
+    ),
+    String,
+> {
     let snap = snapshot::read(path).map_err(|e| e.to_string())?;
     if snap.uvm.name != config.name {
         return Err(format!(
@@ -137,13 +147,14 @@ pub async fn reattach(
     // Steps 4 and 5: per process, pipes and exits — all processes at once, so that a UVM with
     // thousands of them is back as fast as one with a few.
     let logs = snap.uvm.state_dir.join("logs");
+    let log_limit = snap.uvm.log_limit;
     let mut tasks = tokio::task::JoinSet::new();
     for (ci, c) in snap.containers.iter().enumerate() {
         for p in &c.processes {
             let rx = adopted.remove(&(c.id.clone(), p.pid));
             let (conn, id, p, log_dir) = (conn.clone(), c.id.clone(), p.clone(), logs.join(&c.id));
             tasks.spawn(async move {
-                let rec = restore_process(&conn, &id, &p, rx, &log_dir)
+                let rec = restore_process(&conn, &id, &p, rx, &log_dir, log_limit)
                     .await
                     .map_err(|e| format!("restoring process {} of container {id}: {e}", p.pid));
                 (ci, p.pid, p.init, rec)
@@ -187,7 +198,7 @@ pub async fn reattach(
         from = %path.display(),
         "restored"
     );
-    Ok((uvm, conn, containers))
+    Ok((uvm, conn, containers, snap.uvm.log_limit))
 }
 
 async fn restore_process(
@@ -196,21 +207,19 @@ async fn restore_process(
     p: &ProcessState,
     adopted: Option<oneshot::Receiver<host::Result<Response>>>,
     log_dir: &Path,
+    log_limit: u64,
 ) -> Result<Arc<ProcRec>, HostError> {
     let (adopted, io) = match (p.exit_code, adopted) {
         (None, Some(rx)) => {
-            // The logs hold what was received: resume each stream exactly there.
-            let offset = |name: &str, saved: Option<u64>| {
-                let len = std::fs::metadata(log_dir.join(format!("{}.{name}", p.pid)))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                len.max(saved.unwrap_or(0))
-            };
+            // Each log records what it holds (it records before the stream acknowledges, so
+            // the guest still has everything after that): resume each stream exactly there.
+            // The snapshot's offsets may be ahead of the records; the guest resends the rest.
+            let offset = |name: &str| output::recorded(&log_dir.join(format!("{}.{name}", p.pid)));
             let io = host::stdio::reopen(
                 conn.transport(),
                 &p.migration,
-                offset("stdout", p.stdout_offset),
-                offset("stderr", p.stderr_offset),
+                offset("stdout"),
+                offset("stderr"),
             )
             .await?;
             (rx, io)
@@ -225,7 +234,7 @@ async fn restore_process(
         p.args.clone(),
         p.tty,
         p.init,
-        log_dir,
+        Logs::existing(log_dir, log_limit),
         p.exit_code,
     )
     .map_err(|e| HostError::Io(e.to_string()))

@@ -42,8 +42,40 @@ pub struct ProcInfo {
     pub exit_code: Option<i32>,
 }
 
+/// Where a process's output is captured.
+pub struct Logs<'a> {
+    dir: &'a std::path::Path,
+    limit: u64,
+    /// Continue existing logs (a restore) instead of starting new ones.
+    append: bool,
+    /// A client is about to attach: keep every byte for it (see [`OutputLog::release_hold`]).
+    hold: bool,
+}
+
+impl<'a> Logs<'a> {
+    /// New logs of `limit` bytes each under `dir`; with `attaching`, held for a client.
+    pub fn new(dir: &'a std::path::Path, limit: u64, attaching: bool) -> Logs<'a> {
+        Logs {
+            dir,
+            limit,
+            append: false,
+            hold: attaching,
+        }
+    }
+
+    /// The existing logs under `dir`, continued (new ones, if missing, of `limit` bytes).
+    pub fn existing(dir: &'a std::path::Path, limit: u64) -> Logs<'a> {
+        Logs {
+            dir,
+            limit,
+            append: true,
+            hold: false,
+        }
+    }
+}
+
 impl ProcRec {
-    /// Takes over a just-started process: captures its output under `log_dir` and watches for
+    /// Takes over a just-started process: captures its output into `logs` and watches for
     /// its exit.
     pub fn start(
         process: Process,
@@ -51,9 +83,9 @@ impl ProcRec {
         args: Vec<String>,
         tty: bool,
         is_init: bool,
-        log_dir: &std::path::Path,
+        logs: Logs<'_>,
     ) -> std::io::Result<Arc<ProcRec>> {
-        Self::build(process, container, args, tty, is_init, log_dir, None, false)
+        Self::build(process, container, args, tty, is_init, logs, None)
     }
 
     /// A process from a snapshot: its logs continue where they are; a known exit code stays.
@@ -63,12 +95,10 @@ impl ProcRec {
         args: Vec<String>,
         tty: bool,
         is_init: bool,
-        log_dir: &std::path::Path,
+        logs: Logs<'_>,
         exit_code: Option<i32>,
     ) -> std::io::Result<Arc<ProcRec>> {
-        Self::build(
-            process, container, args, tty, is_init, log_dir, exit_code, true,
-        )
+        Self::build(process, container, args, tty, is_init, logs, exit_code)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -78,10 +108,15 @@ impl ProcRec {
         args: Vec<String>,
         tty: bool,
         is_init: bool,
-        log_dir: &std::path::Path,
+        logs: Logs<'_>,
         exit_code: Option<i32>,
-        append: bool,
     ) -> std::io::Result<Arc<ProcRec>> {
+        let Logs {
+            dir: log_dir,
+            limit,
+            append,
+            hold,
+        } = logs;
         let pid = process.pid();
         std::fs::create_dir_all(log_dir)?;
         let log = |name: &str,
@@ -89,7 +124,7 @@ impl ProcRec {
          -> std::io::Result<Option<Arc<OutputLog>>> {
             let path = log_dir.join(format!("{pid}.{name}"));
             Ok(match pipe {
-                Some(pipe) => Some(OutputLog::capture(&path, pipe, append)?),
+                Some(pipe) => Some(OutputLog::capture(&path, pipe, append, limit, hold)?),
                 None if append && path.exists() => Some(OutputLog::existing(&path)),
                 None => None,
             })

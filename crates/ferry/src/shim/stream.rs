@@ -16,6 +16,9 @@ pub struct StreamPlan {
     pub follow: bool,
     /// Feed the client's input to the process's stdin.
     pub stdin: bool,
+    /// The client is attached to the process (`run`, `attach`): the log waits for it rather
+    /// than drop output it has not received.
+    pub attached: bool,
 }
 
 pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHalf) {
@@ -37,7 +40,9 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
             } else {
                 log.progress().written
             };
-            log.send_from(from, plan.follow, t, out).await
+            // A client attached to the process (not one reading logs) gets every byte.
+            log.send_from(from, plan.follow, plan.attached, t, out)
+                .await
         }
     };
     let sent = tokio::join!(
@@ -72,6 +77,18 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
         && rec.exit_state().is_none()
     {
         *rec.stdin.lock().await = Some(stream);
+    }
+}
+
+/// Lets the capture go on without waiting for this client once the session ends (it pins its
+/// own place while it streams).
+pub struct ReleaseHolds(pub Arc<ProcRec>);
+
+impl Drop for ReleaseHolds {
+    fn drop(&mut self) {
+        for log in [&self.0.stdout, &self.0.stderr].into_iter().flatten() {
+            log.release_hold();
+        }
     }
 }
 

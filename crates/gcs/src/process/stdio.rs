@@ -270,10 +270,9 @@ async fn produce<R: AsyncRead + Unpin>(
     mut from: R,
     to: transport::resumable::Sender,
 ) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; transport::resumable::MAX_CHUNK];
+    let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
-        let n = match from.read(&mut buf).await {
+        let n = match transport::read_available(&mut from, &mut buf).await {
             Ok(0) => break,
             Ok(n) => n,
             // A terminal reports EIO once the last slave closes: its end-of-file.
