@@ -42,6 +42,9 @@ pub enum Command {
     /// Start, stop, list and inspect utility VMs.
     #[command(subcommand)]
     Uvm(UvmCommand),
+    /// The boot image (kernel + initramfs) of QEMU UVMs.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Create a container in a UVM and run its command (foreground: output streamed, exit code
     /// propagated; --detach: print the container id and return).
     Run(RunArgs),
@@ -146,6 +149,31 @@ pub enum UvmCommand {
     Restore { snapshot: PathBuf },
     /// Replace a UVM's host process (save, then restore) without touching its workload.
     Upgrade { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Build a kernel + initramfs from Debian packages (downloaded with apt-get download,
+    /// unpacked, never installed) and a static ferry-gcs as /init; print their paths. Cached
+    /// by a hash of the inputs: a second build with the same inputs is instant.
+    Build {
+        /// A statically linked ferry-gcs (default: next to ferry, or what
+        /// scripts/build-static-gcs.sh built).
+        #[arg(long)]
+        gcs: Option<PathBuf>,
+        /// A static busybox (default: /bin/busybox when static, else the busybox-static package).
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+        /// Use this kernel .deb instead of downloading one.
+        #[arg(long)]
+        kernel_deb: Option<PathBuf>,
+        /// The package naming the kernel (a meta package is followed to its dependency).
+        #[arg(long, default_value = image::DEFAULT_KERNEL_PACKAGE)]
+        kernel_package: String,
+        /// Where packages and images are kept (default: <state>/images/uvm).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -488,3 +488,41 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
     }
     Ok(0)
 }
+
+// -- VM images -------------------------------------------------------------------------------
+
+pub async fn image(root: &Path, cmd: crate::cli::ImageCommand, json: bool) -> Outcome {
+    let crate::cli::ImageCommand::Build {
+        gcs,
+        busybox,
+        kernel_deb,
+        kernel_package,
+        cache_dir,
+    } = cmd;
+    let gcs = match gcs {
+        Some(p) => p,
+        None => image::find_static_gcs().map_err(|e| e.to_string())?,
+    };
+    let mut opts = image::BuildOptions::new(
+        cache_dir.unwrap_or_else(|| root.join("images").join("uvm")),
+        gcs,
+    );
+    opts.busybox = busybox;
+    opts.kernel_deb = kernel_deb;
+    opts.kernel_package = kernel_package;
+    // Downloads, unpacking and decompression block: off the runtime's thread.
+    let built = tokio::task::spawn_blocking(move || image::build(&opts))
+        .await
+        .map_err(|e| format!("image build: {e}"))?
+        .map_err(|e| format!("image build: {e}"))?;
+    if json {
+        print_json(&serde_json::to_value(&built).unwrap_or_default());
+    } else {
+        println!("vmlinux: {}", built.vmlinux.display());
+        println!("initramfs: {}", built.initramfs.display());
+        if built.reused {
+            eprintln!("(cached: same inputs as an earlier build)");
+        }
+    }
+    Ok(0)
+}

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
 async fn dispatch(root: &std::path::Path, command: Command, json: bool) -> commands::Outcome {
     match command {
         Command::Uvm(c) => commands::uvm(root, c, json).await,
+        Command::Image(c) => commands::image(root, c, json).await,
         Command::Run(a) => commands::run(root, a, json).await,
         Command::Exec(a) => commands::exec(root, a, json).await,
         Command::Ps { uvm, container } => commands::ps(root, &uvm, container, json).await,

@@ -55,6 +55,10 @@ pub struct Agent {
     state: Mutex<State>,
     /// Turns true when the host asked the whole UVM to shut down.
     pub shutdown: watch::Sender<bool>,
+    /// Bumped whenever a host has negotiated a new bridge connection: stdio streams waiting
+    /// to re-dial try at once instead of at their next interval (a restored host listens on
+    /// their ports before it accepts the bridge).
+    pub host_back: watch::Sender<u64>,
 }
 
 /// The exit of a process, as a future.
@@ -74,6 +78,7 @@ impl Agent {
             spawner: Spawner::start()?,
             state: Mutex::new(State::default()),
             shutdown: watch::channel(false).0,
+            host_back: watch::channel(0).0,
         }))
     }
 
@@ -411,10 +416,13 @@ impl Agent {
         let (abandon, abandoned) = watch::channel(false);
         let redial = resumable.then(|| stdio::Redial {
             transport: self.config.transport.clone(),
-            interval: self.config.reconnect_interval,
+            // Thousands of streams may be waiting: they retry less often than the bridge, and
+            // at once when a host negotiates (`host_back`).
+            interval: self.config.reconnect_interval * 4,
             timeout: self.config.dial_timeout,
             window: self.config.stdio_buffer,
             abandon: abandoned,
+            host_back: self.host_back.subscribe(),
         });
         let pumps = relays.start(pid, redial)?;
         self.state().processes.insert(

@@ -12,6 +12,9 @@ pub enum TransportKind {
     /// Hybrid vsock over Unix sockets: dial port P by connecting to `<base>_<P>`. This is how
     /// the agent runs on the host itself (ferry's embedded default) and how tests drive it.
     HybridVsock,
+    /// A named virtio-serial port (QEMU) carrying a multiplexer; survives the host
+    /// reconnecting (after a migration). The default with --init.
+    VirtioSerial,
 }
 
 /// ferry-gcs — ferry's guest agent.
@@ -33,13 +36,31 @@ Examples:
   Inside a VM with virtio-vsock (the host is CID 2):
     ferry-gcs --transport vsock
 
+  As the init of a ferry VM image (/init in its initramfs; the kernel command line passes
+  the arguments after `--`):
+    qemu-system-x86_64 ... -append 'console=ttyS0 -- --init --port-name ferry.0'
+  --init mounts /proc, /sys, /dev (devtmpfs), /dev/pts, /dev/shm, /run, /tmp and cgroup2,
+  loads the modules listed in /lib/modules/ferry/order (finit_module, in that order), finds
+  the virtio-serial port by name under /sys/class/virtio-ports, and powers the VM off when the
+  agent stops. It is implied when ferry-gcs runs as PID 1 with no arguments at all.
+
 Logging: --log-level (or FERRY_LOG=debug, with tracing's filter syntax, e.g.
 FERRY_LOG=gcs=debug,info). Logs go to stderr, or to --log-file."
 )]
 pub struct Args {
-    /// How to reach the host.
-    #[arg(long, value_enum, default_value = "vsock")]
-    pub transport: TransportKind,
+    /// How to reach the host [default: vsock; virtio-serial with --init].
+    #[arg(long, value_enum)]
+    pub transport: Option<TransportKind>,
+    /// Name of the virtio-serial port (--transport virtio-serial).
+    #[arg(long, default_value = "ferry.0")]
+    pub port_name: String,
+    /// Run as a VM's init (PID 1): mount the basic file systems, load the image's modules,
+    /// power off at the end. Implied for a PID 1 started without arguments.
+    #[arg(long)]
+    pub init: bool,
+    /// Directory with the modules to load and their `order` file (--init).
+    #[arg(long, default_value = crate::init::MODULES_DIR)]
+    pub modules_dir: PathBuf,
     /// Base path of the hybrid-vsock sockets (required with --transport hybrid-vsock).
     #[arg(long, required_if_eq("transport", "hybrid-vsock"))]
     pub base: Option<PathBuf>,
@@ -52,8 +73,9 @@ pub struct Args {
     /// Largest frame accepted or sent on the bridge, header included.
     #[arg(long, default_value_t = bridge::DEFAULT_MAX_FRAME_SIZE, value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
     pub max_frame_size: u32,
-    /// Pause between attempts to reach the bridge when it is down.
-    #[arg(long, default_value_t = 100)]
+    /// Pause between attempts to reach the bridge when it is down (a new host is reached
+    /// within this; stdio streams retry at four times this, and at once when a host is back).
+    #[arg(long, default_value_t = 25)]
     pub reconnect_interval_ms: u64,
     /// Bound on every dial (bridge and stdio ports).
     #[arg(long, default_value_t = 5000)]
@@ -76,7 +98,7 @@ pub struct Args {
     /// with it.
     #[arg(long)]
     pub isolate: bool,
-    /// Hostname inside the namespaces (--isolate).
+    /// Hostname inside the namespaces (--isolate) or of the VM (--init).
     #[arg(long, default_value = "ferry-uvm")]
     pub hostname: String,
 }
@@ -99,7 +121,11 @@ fn init_logging(args: &Args) -> std::io::Result<()> {
                 .with_writer(std::sync::Mutex::new(file))
                 .init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        // As a VM's init, stderr is the serial console, read back as a log file: no colours.
+        None => builder
+            .with_ansi(!crate::init::wanted(args.init))
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }
@@ -115,9 +141,23 @@ pub fn main(args: Args) -> std::process::ExitCode {
         eprintln!("ferry-gcs: cannot isolate: {e}");
         return std::process::ExitCode::from(2);
     }
+    let as_init = crate::init::wanted(args.init);
     if let Err(e) = init_logging(&args) {
         eprintln!("ferry-gcs: cannot open log file: {e}");
+        if as_init {
+            crate::init::power_off();
+        }
         return std::process::ExitCode::from(2);
+    }
+    if as_init {
+        let options = crate::init::InitOptions {
+            modules_dir: args.modules_dir.clone(),
+            hostname: args.hostname.clone(),
+        };
+        if let Err(e) = crate::init::prepare(&options) {
+            tracing::error!(error = %e, "init failed");
+            crate::init::power_off();
+        }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -126,11 +166,20 @@ pub fn main(args: Args) -> std::process::ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry-gcs: cannot start the async runtime: {e}");
+            if as_init {
+                crate::init::power_off();
+            }
             return std::process::ExitCode::from(1);
         }
     };
     let code = runtime.block_on(async {
-        let transport = match args.transport {
+        let kind = args.transport.unwrap_or(if as_init {
+            TransportKind::VirtioSerial
+        } else {
+            TransportKind::Vsock
+        });
+        let transport = match kind {
+            TransportKind::VirtioSerial => crate::virtio_port::transport(&args.port_name),
             TransportKind::Vsock => Transport::vsock(args.host_cid),
             TransportKind::HybridVsock => {
                 // clap guarantees --base with hybrid-vsock.
@@ -163,6 +212,10 @@ pub fn main(args: Args) -> std::process::ExitCode {
             }
         }
     });
+    if as_init {
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        crate::init::power_off();
+    }
     std::process::ExitCode::from(code)
 }
 

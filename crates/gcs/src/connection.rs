@@ -131,6 +131,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if negotiated {
                     // Only now may queued notifications and waits flow to this host.
                     agent.outbox.set_negotiated(generation);
+                    agent.host_back.send_replace(generation);
                     log_negotiated(generation, &n);
                 }
             }

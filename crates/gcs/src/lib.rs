@@ -11,9 +11,11 @@ pub mod connection;
 pub mod container;
 pub mod error;
 pub mod handlers;
+pub mod init;
 pub mod isolate;
 pub mod outbox;
 pub mod process;
+pub mod virtio_port;
 
 pub use agent::{Agent, Config};
 

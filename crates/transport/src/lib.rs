@@ -18,7 +18,9 @@
 //! * **Multiplexer** ([`Transport::mux`]): many streams over one byte stream
 //!   (for example a virtio-serial port) using yamux. Each new stream starts
 //!   with a 4-byte little-endian port number and is answered with one status
-//!   byte.
+//!   byte. [`Transport::mux_reconnecting`] follows a carrier that comes and goes
+//!   (a virtio-serial port whose host end reconnects): each dial uses whichever
+//!   session is current.
 //!
 //! Every dial is bounded by a caller-supplied timeout; [`DEFAULT_CONNECT_TIMEOUT`]
 //! is a sensible default.
@@ -165,6 +167,7 @@ enum Kind {
     Vsock { peer_cid: u32 },
     Hybrid(Arc<hybrid_vsock::Hybrid>),
     Mux(MuxSession),
+    MuxReconnecting(tokio::sync::watch::Receiver<Option<MuxSession>>),
 }
 
 impl Transport {
@@ -192,6 +195,18 @@ impl Transport {
         }
     }
 
+    /// Multiplexer over a carrier that reconnects: the owner publishes each new
+    /// session (and `None` while the carrier is down). A dial waits, within its
+    /// timeout, for a live session; a listener belongs to the session current
+    /// when it was made and ends with it.
+    pub fn mux_reconnecting(
+        sessions: tokio::sync::watch::Receiver<Option<MuxSession>>,
+    ) -> Transport {
+        Transport {
+            kind: Kind::MuxReconnecting(sessions),
+        }
+    }
+
     /// Connects to `port` on the peer. The whole connect, including any
     /// handshake, is bounded by `timeout`; a single attempt is made.
     pub async fn dial(&self, port: u32, timeout: Duration) -> Result<BoxStream, TransportError> {
@@ -199,6 +214,21 @@ impl Transport {
             Kind::Vsock { peer_cid } => vsock::dial(*peer_cid, port, timeout).await,
             Kind::Hybrid(h) => h.dial(port, timeout).await,
             Kind::Mux(m) => m.dial(port, timeout).await,
+            Kind::MuxReconnecting(sessions) => {
+                let started = std::time::Instant::now();
+                let mut sessions = sessions.clone();
+                let live = |s: &Option<MuxSession>| s.as_ref().is_some_and(|s| !s.is_closed());
+                let session = match tokio::time::timeout(timeout, sessions.wait_for(live)).await {
+                    Ok(Ok(s)) => s.clone(),
+                    // The owner is gone: no session will ever come.
+                    Ok(Err(_)) => None,
+                    Err(_) => return Err(TransportError::ConnectTimeout { port, timeout }),
+                };
+                let session = session.ok_or(TransportError::SessionClosed)?;
+                session
+                    .dial(port, timeout.saturating_sub(started.elapsed()))
+                    .await
+            }
         }
     }
 
@@ -208,6 +238,11 @@ impl Transport {
             Kind::Vsock { .. } => ListenerKind::Vsock(vsock::listen(port)?),
             Kind::Hybrid(h) => ListenerKind::Hybrid(h.listen(port)?),
             Kind::Mux(m) => ListenerKind::Mux(m.listen(port)?),
+            Kind::MuxReconnecting(sessions) => {
+                let current = sessions.borrow().clone();
+                let session = current.ok_or(TransportError::SessionClosed)?;
+                ListenerKind::Mux(session.listen(port)?)
+            }
         };
         Ok(Listener { port, inner })
     }
@@ -218,6 +253,10 @@ impl Transport {
             Kind::Vsock { peer_cid } => format!("vsock(peer cid {peer_cid})"),
             Kind::Hybrid(h) => h.describe(),
             Kind::Mux(m) => m.describe(),
+            Kind::MuxReconnecting(sessions) => match &*sessions.borrow() {
+                Some(s) => format!("{} (reconnecting)", s.describe()),
+                None => "mux (reconnecting, no session)".to_owned(),
+            },
         }
     }
 }

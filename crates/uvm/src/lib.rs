@@ -1,4 +1,4 @@
-//! Utility VM backends.
+//! Utility VM backends: local namespaces, and QEMU.
 //!
 //! A backend boots a UVM whose guest agent dials back to the host, and hands over the
 //! negotiated [`host::GuestConnection`]. The lifecycle is a small vocabulary ([`UtilityVm`]);
@@ -6,8 +6,11 @@
 //! are refused by backends that cannot migrate.
 
 pub mod local;
+pub mod qemu;
+pub mod qmp;
 
 pub use local::{LocalConfig, LocalUvm};
+pub use qemu::{Accel, QemuConfig, QemuUvm};
 
 use host::GuestConnection;
 use serde::Serialize;
@@ -26,6 +29,8 @@ pub enum UvmError {
     AlreadyRunning,
     #[error(transparent)]
     Guest(#[from] host::HostError),
+    #[error("QEMU (QMP): {0}")]
+    Qmp(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

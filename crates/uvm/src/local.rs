@@ -36,6 +36,17 @@ pub struct LocalConfig {
 }
 
 impl LocalConfig {
+    /// The base path of the UVM's hybrid-vsock sockets.
+    pub fn socket_base(&self) -> PathBuf {
+        self.state_dir.join("vm.sock")
+    }
+
+    /// The host's end of the UVM's streams (usable before any connection exists: a restore
+    /// listens on its processes' ports before the agent is back).
+    pub fn host_transport(&self) -> Transport {
+        Transport::hybrid_vsock(self.socket_base(), Side::Host)
+    }
+
     pub fn new(
         name: &str,
         state_dir: PathBuf,
@@ -89,7 +100,7 @@ impl LocalUvm {
     }
 
     pub fn socket_base(&self) -> PathBuf {
-        self.config.state_dir.join("vm.sock")
+        self.config.socket_base()
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -97,7 +108,7 @@ impl LocalUvm {
     }
 
     fn transport(&self) -> Transport {
-        Transport::hybrid_vsock(self.socket_base(), Side::Host)
+        self.config.host_transport()
     }
 
     /// True while the agent process exists.

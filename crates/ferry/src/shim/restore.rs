@@ -90,6 +90,19 @@ type Procs = BTreeMap<u32, Arc<ProcRec>>;
 type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>;
 
 /// Takes over the UVM a snapshot describes.
+/// Stdio ports and request ids the previous host may have used after its last snapshot (a
+/// `run` in flight when it was killed, a few ports each): skipped, so that nothing new
+/// collides with them. The port space (0x40000001 up) allows some 780 000 restores.
+const PORT_GAP: u32 = 4096;
+const ID_GAP: u64 = 1 << 16;
+
+fn floors_after(saved: host::ConnectionState) -> host::ConnectionState {
+    host::ConnectionState {
+        next_id: saved.next_id.saturating_add(ID_GAP),
+        next_port: saved.next_port.saturating_add(PORT_GAP),
+    }
+}
+
 pub async fn reattach(
     mut config: LocalConfig,
     path: &Path,
@@ -118,8 +131,50 @@ pub async fn reattach(
             snap.uvm.backend
         ));
     }
+    tracing::info!(from = %path.display(), containers = snap.containers.len(), "restoring");
     config.state_dir = snap.uvm.state_dir.clone();
     config.connect_timeout = Duration::from_secs(15);
+    // Before the agent is back: listen on every live process's stdio ports, so that its
+    // streams resume the moment it re-dials them (it does so as soon as a host negotiates).
+    let logs = snap.uvm.state_dir.join("logs");
+    let transport = config.host_transport();
+    let mut listening = tokio::task::JoinSet::new();
+    for c in &snap.containers {
+        // One task per container: the binds and log-header reads of thousands of streams
+        // spread over the runtime's workers.
+        let live: Vec<ProcessState> = c
+            .processes
+            .iter()
+            .filter(|p| p.exit_code.is_none())
+            .cloned()
+            .collect();
+        let (transport, dir, id) = (transport.clone(), logs.join(&c.id), c.id.clone());
+        listening.spawn(async move {
+            let mut ios = Vec::with_capacity(live.len());
+            for p in live {
+                let recorded =
+                    |name: &str| output::recorded(&dir.join(format!("{}.{name}", p.pid)));
+                let io = host::stdio::reopen(
+                    &transport,
+                    &p.migration,
+                    recorded("stdout"),
+                    recorded("stderr"),
+                )
+                .await
+                .map_err(|e| format!("listening again for process {} of {id}: {e}", p.pid))?;
+                ios.push(((id.clone(), p.pid), io));
+            }
+            Ok::<_, String>(ios)
+        });
+    }
+    let mut reopened: HashMap<(String, u32), host::process::ProcessIo> = HashMap::new();
+    while let Some(done) = listening.join_next().await {
+        reopened.extend(done.map_err(|e| format!("listen task: {e}"))??);
+    }
+    tracing::info!(
+        streams = reopened.len(),
+        "listening again on the stdio ports of the live processes"
+    );
     // Step 1, before the guest can say anything: containers registered, waits adopted.
     let mut opened: Vec<Container> = Vec::new();
     let mut adopted: Adopted = HashMap::new();
@@ -143,18 +198,18 @@ pub async fn reattach(
         tracing::warn!("adopting a wait failed: {p}");
     }
     // Step 2 happened inside reattach (negotiation); step 3: floors.
-    conn.restore_floors(&snap.connection);
+    conn.restore_floors(&floors_after(snap.connection));
     // Steps 4 and 5: per process, pipes and exits — all processes at once, so that a UVM with
     // thousands of them is back as fast as one with a few.
-    let logs = snap.uvm.state_dir.join("logs");
     let log_limit = snap.uvm.log_limit;
     let mut tasks = tokio::task::JoinSet::new();
     for (ci, c) in snap.containers.iter().enumerate() {
         for p in &c.processes {
             let rx = adopted.remove(&(c.id.clone(), p.pid));
+            let io = reopened.remove(&(c.id.clone(), p.pid));
             let (conn, id, p, log_dir) = (conn.clone(), c.id.clone(), p.clone(), logs.join(&c.id));
             tasks.spawn(async move {
-                let rec = restore_process(&conn, &id, &p, rx, &log_dir, log_limit)
+                let rec = restore_process(&conn, &id, &p, rx, io, &log_dir, log_limit)
                     .await
                     .map_err(|e| format!("restoring process {} of container {id}: {e}", p.pid));
                 (ci, p.pid, p.init, rec)
@@ -206,24 +261,13 @@ async fn restore_process(
     container: &str,
     p: &ProcessState,
     adopted: Option<oneshot::Receiver<host::Result<Response>>>,
+    io: Option<host::process::ProcessIo>,
     log_dir: &Path,
     log_limit: u64,
 ) -> Result<Arc<ProcRec>, HostError> {
     let (adopted, io) = match (p.exit_code, adopted) {
-        (None, Some(rx)) => {
-            // Each log records what it holds (it records before the stream acknowledges, so
-            // the guest still has everything after that): resume each stream exactly there.
-            // The snapshot's offsets may be ahead of the records; the guest resends the rest.
-            let offset = |name: &str| output::recorded(&log_dir.join(format!("{}.{name}", p.pid)));
-            let io = host::stdio::reopen(
-                conn.transport(),
-                &p.migration,
-                offset("stdout"),
-                offset("stderr"),
-            )
-            .await?;
-            (rx, io)
-        }
+        // Its pipes were listened on again before the agent came back.
+        (None, Some(rx)) => (rx, io.unwrap_or_default()),
         // Exited before the save: nothing to adopt, only its logs and code remain.
         _ => (oneshot::channel().1, host::process::ProcessIo::default()),
     };

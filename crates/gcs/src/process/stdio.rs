@@ -40,10 +40,14 @@ pub struct Redial {
     pub timeout: Duration,
     pub window: usize,
     pub abandon: tokio::sync::watch::Receiver<bool>,
+    /// Changes when a host negotiates a new bridge connection: time to try again.
+    pub host_back: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Redial {
     async fn dial(mut self, port: u32) -> std::io::Result<BoxStream> {
+        // Only a host that comes back from now on is news.
+        self.host_back.borrow_and_update();
         loop {
             if *self.abandon.borrow() {
                 return Err(std::io::Error::other("stream abandoned"));
@@ -58,6 +62,7 @@ impl Redial {
             tokio::select! {
                 _ = tokio::time::sleep(self.interval) => {}
                 _ = self.abandon.changed() => {}
+                _ = self.host_back.changed() => {}
             }
         }
     }

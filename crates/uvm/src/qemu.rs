@@ -1,0 +1,739 @@
+//! The QEMU backend: a real VM booting a ferry image (an uncompressed kernel and an initramfs
+//! whose /init is ferry-gcs; see the `image` crate), controlled over QMP.
+//!
+//! The host↔guest channel is one virtio-serial port (`ferry.0`) whose host end is a Unix
+//! socket QEMU serves; both sides run a yamux multiplexer over it (host: client role) and
+//! the bridge and stdio streams are ports on that multiplexer, exactly as over hybrid vsock.
+//! AF_VSOCK is not used: it needs vhost-vsock, which many hosts (these among them) lack, and
+//! the vhost-user alternative cannot migrate (notes/qemu-lab.md).
+//!
+//! ```text
+//! <state>/agent.sock    the virtio-serial port's host end
+//!         qmp.sock      QMP
+//!         console.log   the guest's serial console (kernel messages, the agent's log)
+//!         qemu.log      QEMU's own stdout/stderr
+//! ```
+//!
+//! QEMU runs in its own process group and is not killed when the host process exits: like
+//! the local backend's agent, the VM outlives the host process that started it.
+
+use crate::qmp::Qmp;
+use crate::{Result, UtilityVm, UvmError, UvmProperties};
+use host::{ConnectionOptions, GuestConnection};
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use transport::{Listener, MuxRole, MuxSession, Transport};
+
+/// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// How long QEMU may take to create its sockets after it starts.
+const SOCKETS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between attempts to connect to a socket QEMU has not created yet.
+const SOCKET_RETRY: Duration = Duration::from_millis(20);
+/// The virtio-serial port's device id (QEMU reports the guest opening and closing it).
+const PORT_DEVICE_ID: &str = "agentport";
+/// How long the guest may take to notice its host left (it reads end-of-file at once; QEMU
+/// may hold the news back for up to a second).
+const GUEST_NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+    /// KVM when it can boot a stock kernel (see [`kvm_unusable_reason`]), else TCG.
+    Auto,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Accel, String> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            "auto" => Ok(Accel::Auto),
+            _ => Err(format!("unknown accelerator {s:?} (kvm, tcg or auto)")),
+        }
+    }
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+            Accel::Auto => "auto",
+        }
+    }
+
+    /// `Auto` made concrete.
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto => match kvm_unusable_reason() {
+                None => Accel::Kvm,
+                Some(why) => {
+                    tracing::info!(reason = %why, "using TCG (software emulation)");
+                    Accel::Tcg
+                }
+            },
+            a => a,
+        }
+    }
+}
+
+/// Why KVM cannot be used here, or `None` when it can. The rule: `/dev/kvm` must open
+/// read-write, and the host must not be a PVM guest (`/sys/module/kvm_pvm` present): PVM's
+/// KVM creates VMs but runs only kernels built for PVM, so a stock Debian kernel hangs in its
+/// decompressor (notes/qemu-lab.md).
+pub fn kvm_unusable_reason() -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm: {e}"));
+    }
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        return Some(
+            "KVM here is PVM (kvm_pvm), which cannot boot a stock guest kernel".to_owned(),
+        );
+    }
+    None
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub name: String,
+    /// The VM's own directory (sockets, logs).
+    pub state_dir: PathBuf,
+    /// The image: an uncompressed ELF kernel with a PVH note, and its initramfs.
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub qemu: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The virtio-serial port's name (the agent looks for it).
+    pub port_name: String,
+    /// The kernel's own parameters; the agent's arguments are appended after `--`.
+    pub kernel_cmdline: String,
+    pub gcs_log_level: String,
+    /// How long the guest may take from QEMU's start to dialing the bridge (TCG boots in
+    /// ~5-10 s).
+    pub connect_timeout: Duration,
+    pub connection: ConnectionOptions,
+}
+
+impl QemuConfig {
+    pub fn new(name: &str, state_dir: PathBuf, kernel: PathBuf, initrd: PathBuf) -> QemuConfig {
+        QemuConfig {
+            name: name.to_owned(),
+            state_dir,
+            kernel,
+            initrd,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+            memory_mib: 256,
+            cpus: 1,
+            port_name: "ferry.0".into(),
+            kernel_cmdline: "console=ttyS0 quiet panic=-1".into(),
+            gcs_log_level: "info".into(),
+            connect_timeout: Duration::from_secs(60),
+            connection: ConnectionOptions::default(),
+        }
+    }
+}
+
+pub struct QemuUvm {
+    config: QemuConfig,
+    accel: Option<Accel>,
+    pid: Option<u32>,
+    /// The exit status text once QEMU has exited (set by the task that waits for it).
+    exit: Option<watch::Receiver<Option<String>>>,
+    qmp: Option<Qmp>,
+    /// A duplicate of the host's end of the agent socket, to cut the channel even while
+    /// callers still hold streams on it (a reconnect must free QEMU's single client slot).
+    channel: Option<std::os::unix::net::UnixStream>,
+    bridge: Option<Listener>,
+    conn: Option<GuestConnection>,
+    paused: bool,
+    started_at: Option<SystemTime>,
+}
+
+/// QEMU's option syntax splits on commas; paths with one are refused rather than escaped
+/// (not every option unescapes them).
+fn plain(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| UvmError::Start(format!("path {} is not valid UTF-8", p.display())))?;
+    if s.contains(',') {
+        return Err(UvmError::Start(format!(
+            "QEMU cannot take a path with a comma: {s}"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+/// The last `n` lines of a log file, indented, for error messages.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    // Only the end matters; a long boot log must not become a huge error.
+    let start = text.len().saturating_sub(16 * 1024);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines
+        .into_iter()
+        .rev()
+        .map(|l| format!("\n    {l}"))
+        .collect()
+}
+
+impl QemuUvm {
+    pub fn new(config: QemuConfig) -> QemuUvm {
+        QemuUvm {
+            config,
+            accel: None,
+            pid: None,
+            exit: None,
+            qmp: None,
+            channel: None,
+            bridge: None,
+            conn: None,
+            paused: false,
+            started_at: None,
+        }
+    }
+
+    pub fn agent_socket(&self) -> PathBuf {
+        self.config.state_dir.join("agent.sock")
+    }
+
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.config.state_dir.join("qmp.sock")
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.config.state_dir.join("console.log")
+    }
+
+    pub fn qemu_log(&self) -> PathBuf {
+        self.config.state_dir.join("qemu.log")
+    }
+
+    /// The QMP connection (for callers that need commands this type does not wrap).
+    pub fn qmp(&mut self) -> Option<&mut Qmp> {
+        self.qmp.as_mut()
+    }
+
+    /// True while the QEMU process exists.
+    pub fn is_running(&self) -> bool {
+        self.exit.as_ref().is_some_and(|rx| rx.borrow().is_none())
+    }
+
+    /// Resolves when QEMU exits; returns its exit status text.
+    pub async fn exited(&self) -> String {
+        match &self.exit {
+            Some(rx) => wait_exit(rx.clone()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// QEMU's arguments for the given (resolved) accelerator.
+    pub fn command_line(&self, accel: Accel) -> Result<Vec<OsString>> {
+        let c = &self.config;
+        let d = |name: &str| plain(&c.state_dir.join(name));
+        let mut args: Vec<String> = vec!["-name".into(), c.name.replace(',', "_")];
+        match accel {
+            // The host's CPU model: KVM cannot emulate a different one cheaply.
+            Accel::Kvm => args.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
+            _ => args.extend(["-accel", "tcg"].map(String::from)),
+        }
+        let agent = format!(
+            "{} -- --init --port-name={} --log-level={}",
+            c.kernel_cmdline, c.port_name, c.gcs_log_level
+        );
+        args.extend([
+            "-m".into(),
+            c.memory_mib.to_string(),
+            "-smp".into(),
+            c.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            // The guest powering off or rebooting ends QEMU (a VM reboot is not meaningful
+            // for a UVM; the host notices the exit).
+            "-no-reboot".into(),
+            "-kernel".into(),
+            plain(&c.kernel)?,
+            "-initrd".into(),
+            plain(&c.initrd)?,
+            "-append".into(),
+            agent,
+            "-serial".into(),
+            format!("file:{}", d("console.log")?),
+            "-nic".into(),
+            "none".into(),
+            "-device".into(),
+            "virtio-serial-pci,id=vser0".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                d("agent.sock")?
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,bus=vser0.0,chardev=agent,name={},id={PORT_DEVICE_ID}",
+                c.port_name
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", d("qmp.sock")?),
+        ]);
+        Ok(args.into_iter().map(OsString::from).collect())
+    }
+
+    fn check_inputs(&self) -> Result<()> {
+        let c = &self.config;
+        if c.port_name.is_empty()
+            || !c
+                .port_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(UvmError::Start(format!(
+                "bad virtio-serial port name {:?} (letters, digits, '.', '_', '-')",
+                c.port_name
+            )));
+        }
+        for (what, p) in [("kernel", &c.kernel), ("initramfs", &c.initrd)] {
+            if !p.is_file() {
+                return Err(UvmError::Start(format!(
+                    "the {what} {} does not exist (build the image with `ferry image build`)",
+                    p.display()
+                )));
+            }
+        }
+        for sock in [self.agent_socket(), self.qmp_socket()] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(UvmError::Start(format!(
+                    "state directory path too long for Unix sockets: {} (use a shorter FERRY_STATE_DIR)",
+                    sock.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// What to say when the VM fails to come up: QEMU's own messages and the console's end.
+    fn failure_context(&self) -> String {
+        format!(
+            "\n  qemu.log:{}\n  console.log:{}",
+            tail(&self.qemu_log(), 5),
+            tail(&self.console_log(), 10)
+        )
+    }
+
+    /// Connects to a socket QEMU creates shortly after it starts.
+    async fn connect_socket(&self, path: &Path, deadline: Instant) -> Result<UnixStream> {
+        loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    if let Some(status) = self.exit_status() {
+                        return Err(UvmError::Start(format!(
+                            "QEMU exited at once ({status}){}",
+                            self.failure_context()
+                        )));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(UvmError::Start(format!(
+                            "QEMU did not create {} within {SOCKETS_TIMEOUT:?}: {e}{}",
+                            path.display(),
+                            self.failure_context()
+                        )));
+                    }
+                }
+            }
+            // Bounded by the deadline above; QEMU gives no other signal that it is ready.
+            tokio::time::sleep(SOCKET_RETRY).await;
+        }
+    }
+
+    fn exit_status(&self) -> Option<String> {
+        self.exit.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
+    fn spawn_qemu(&mut self, accel: Accel) -> Result<()> {
+        let c = &self.config;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.qemu_log())
+            .map_err(|e| UvmError::io("open qemu.log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| UvmError::io("open qemu.log", e))?;
+        let mut cmd = tokio::process::Command::new(&c.qemu);
+        cmd.args(self.command_line(accel)?)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a terminal's Ctrl-C aimed at the host process does not
+            // power the VM off, and the VM survives the host process.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                UvmError::Start(format!(
+                    "{} not found (apt-get install qemu-system-x86)",
+                    c.qemu.display()
+                ))
+            } else {
+                UvmError::Start(format!("cannot run {}: {e}", c.qemu.display()))
+            }
+        })?;
+        self.pid = child.id();
+        let (tx, rx) = watch::channel(None);
+        let name = c.name.clone();
+        // Crash detection: whoever holds the receiver learns of the exit at once.
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown ({e})"),
+            };
+            tracing::info!(name = %name, %status, "QEMU exited");
+            tx.send_replace(Some(status));
+        });
+        self.exit = Some(rx);
+        Ok(())
+    }
+
+    fn kill(&self) {
+        if let Some(pid) = self.pid
+            && self.is_running()
+        {
+            // SAFETY: kill with a pid and a signal number. The pid is still ours: the task
+            // waiting for it has not reaped it (is_running).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+
+    async fn wait_exited(&self, timeout: Duration) -> bool {
+        match &self.exit {
+            Some(rx) => tokio::time::timeout(timeout, wait_exit(rx.clone()))
+                .await
+                .is_ok(),
+            None => true,
+        }
+    }
+
+    async fn boot(&mut self) -> Result<GuestConnection> {
+        let accel = self.config.accel.resolve();
+        self.accel = Some(accel);
+        for sock in [self.agent_socket(), self.qmp_socket()] {
+            let _ = std::fs::remove_file(sock);
+        }
+        let started = Instant::now();
+        self.spawn_qemu(accel)?;
+        let deadline = started + SOCKETS_TIMEOUT;
+        let qmp_stream = self.connect_socket(&self.qmp_socket(), deadline).await?;
+        self.qmp = Some(Qmp::handshake(qmp_stream).await?);
+        // Connected before the guest opens its end: the guest's first look finds a host.
+        let conn = self
+            .attach_channel(deadline, self.config.connect_timeout)
+            .await?;
+        tracing::info!(
+            name = %self.config.name,
+            pid = self.pid,
+            accel = accel.name(),
+            boot = ?started.elapsed(),
+            "QEMU UVM started"
+        );
+        self.started_at = Some(SystemTime::now());
+        Ok(conn)
+    }
+
+    /// Connects the host's end of the virtio-serial port, starts the multiplexer (client
+    /// role), and accepts and negotiates the agent's bridge connection.
+    async fn attach_channel(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<GuestConnection> {
+        let agent = self.connect_socket(&self.agent_socket(), deadline).await?;
+        let dup = agent
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| UvmError::io("duplicate the agent socket", e))?;
+        self.channel = Some(std::os::unix::net::UnixStream::from(dup));
+        let transport = Transport::mux(MuxSession::new(agent, MuxRole::Client));
+        let mut bridge = transport
+            .listen(bridge::BRIDGE_PORT)
+            .await
+            .map_err(|e| UvmError::Start(format!("listen on the bridge port: {e}")))?;
+        let exit = self.exit.clone().ok_or(UvmError::NotRunning)?;
+        let stream = tokio::select! {
+            s = tokio::time::timeout(timeout, bridge.accept()) => match s {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return Err(UvmError::Start(format!(
+                    "accept the agent's bridge connection: {e}{}", self.failure_context()
+                ))),
+                Err(_) => return Err(UvmError::Start(format!(
+                    "the guest agent did not connect within {timeout:?}{}", self.failure_context()
+                ))),
+            },
+            status = wait_exit(exit) => return Err(UvmError::Start(format!(
+                "QEMU exited ({status}){}", self.failure_context()
+            ))),
+        };
+        let conn =
+            GuestConnection::connect(transport, stream, self.config.connection.clone()).await?;
+        // A crash ends the connection with the reason, so every waiter hears of it.
+        if let Some(exit) = self.exit.clone() {
+            let watched = conn.clone();
+            tokio::spawn(async move {
+                let status = wait_exit(exit).await;
+                watched.close(&format!("QEMU exited ({status})"));
+            });
+        }
+        self.bridge = Some(bridge);
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Cuts the host's end of the channel and connects again, as a host does after a
+    /// migration: the guest takes the end of its port as the end of the session, waits for
+    /// the next host, starts a new multiplexer session and dials the bridge again; everything
+    /// running in the guest stays. The old connection is closed; returns the new one.
+    pub async fn reconnect(&mut self) -> Result<GuestConnection> {
+        if !self.is_running() {
+            return Err(UvmError::NotRunning);
+        }
+        let cut = SystemTime::now();
+        self.disconnect("the host is reconnecting");
+        self.wait_guest_closed_port(cut).await;
+        let timeout = self.config.connect_timeout;
+        let t = Instant::now();
+        let conn = self
+            .attach_channel(Instant::now() + SOCKETS_TIMEOUT, timeout)
+            .await?;
+        tracing::info!(name = %self.config.name, elapsed = ?t.elapsed(), "reconnected to the guest agent");
+        Ok(conn)
+    }
+
+    /// Waits until the guest has closed its end of the port after `since`. A host that
+    /// connects again sooner may hide its absence: the guest sees end-of-file only while no
+    /// host is connected, and would carry on its old multiplexer session with a new host that
+    /// knows nothing of it.
+    ///
+    /// QEMU reports the guest opening and closing the port as `VSERPORT_CHANGE`, but throttles
+    /// that event to one a second, keeping only the latest: a close followed at once by the
+    /// reopen may arrive as a single "open". So any change after `since` counts (the guest
+    /// only closes its port when its host has gone), stamped with its own time.
+    pub async fn wait_guest_closed_port(&mut self, since: SystemTime) {
+        let Some(q) = self.qmp.as_mut() else {
+            return;
+        };
+        // QEMU stamps events with the wall clock, like `since`.
+        let since = since
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_micros() as i128)
+            .unwrap_or_default();
+        let closed = |e: &serde_json::Value| {
+            let stamp = &e["timestamp"];
+            let micros = stamp["seconds"].as_i64().unwrap_or(0) as i128 * 1_000_000
+                + stamp["microseconds"].as_i64().unwrap_or(0) as i128;
+            e["event"] == "VSERPORT_CHANGE" && e["data"]["id"] == PORT_DEVICE_ID && micros >= since
+        };
+        if let Err(e) = q.wait_event(GUEST_NOTICE_TIMEOUT, closed).await {
+            tracing::warn!(error = %e, "the guest did not report closing its port; connecting anyway");
+        }
+    }
+
+    /// Ends the host's side of the channel, even while streams on it are still held.
+    fn disconnect(&mut self, reason: &str) {
+        if let Some(conn) = self.conn.take() {
+            conn.close(reason);
+        }
+        self.bridge = None;
+        if let Some(ch) = self.channel.take() {
+            let _ = ch.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn forget(&mut self) {
+        self.disconnect("the utility VM stopped");
+        self.qmp = None;
+        self.paused = false;
+        for sock in [self.agent_socket(), self.qmp_socket()] {
+            let _ = std::fs::remove_file(sock);
+        }
+    }
+}
+
+async fn wait_exit(mut rx: watch::Receiver<Option<String>>) -> String {
+    match rx.wait_for(|s| s.is_some()).await {
+        Ok(s) => s.clone().unwrap_or_default(),
+        Err(_) => "unknown (its watcher is gone)".into(),
+    }
+}
+
+impl UtilityVm for QemuUvm {
+    fn backend_name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn start(&mut self) -> Result<GuestConnection> {
+        if self.is_running() {
+            return Err(UvmError::AlreadyRunning);
+        }
+        std::fs::create_dir_all(&self.config.state_dir)
+            .map_err(|e| UvmError::io(format!("create {}", self.config.state_dir.display()), e))?;
+        self.check_inputs()?;
+        match self.boot().await {
+            Ok(conn) => Ok(conn),
+            Err(e) => {
+                // Nothing half-started stays behind.
+                self.kill();
+                self.wait_exited(Duration::from_secs(5)).await;
+                self.forget();
+                Err(e)
+            }
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> Result<()> {
+        if !self.is_running() {
+            self.forget();
+            return Err(UvmError::NotRunning);
+        }
+        if self.paused
+            && let Some(q) = self.qmp.as_mut()
+        {
+            let _ = q.execute("cont", None).await;
+        }
+        // The agent shuts down and powers the VM off, which ends QEMU (-no-reboot).
+        if let Some(conn) = self.conn.take() {
+            let uvm = host::Container::uvm(&conn);
+            match tokio::time::timeout(grace, uvm.shutdown(true)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "shutdown request failed"),
+                Err(_) => tracing::debug!("shutdown request unanswered"),
+            }
+        }
+        if !self.wait_exited(grace).await {
+            tracing::warn!(name = %self.config.name, "the VM did not power off within {grace:?}; quitting QEMU");
+            if let Some(q) = self.qmp.as_mut() {
+                let _ = q.execute("quit", None).await;
+            }
+            if !self.wait_exited(Duration::from_secs(2)).await {
+                self.kill();
+                self.wait_exited(Duration::from_secs(5)).await;
+            }
+        }
+        self.forget();
+        tracing::info!(name = %self.config.name, "QEMU UVM stopped");
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> Result<()> {
+        if !self.is_running() {
+            return Err(UvmError::NotRunning);
+        }
+        let q = self.qmp.as_mut().ok_or(UvmError::NotRunning)?;
+        q.execute("stop", None).await?;
+        self.paused = true;
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        if !self.is_running() {
+            return Err(UvmError::NotRunning);
+        }
+        let q = self.qmp.as_mut().ok_or(UvmError::NotRunning)?;
+        q.execute("cont", None).await?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn properties(&self) -> UvmProperties {
+        UvmProperties {
+            name: self.config.name.clone(),
+            backend: "qemu",
+            running: self.is_running(),
+            paused: self.paused,
+            pid: self.pid.filter(|_| self.is_running()),
+            state_dir: self.config.state_dir.clone(),
+            transport: format!(
+                "virtio-serial port {} (mux) via {} [{}]",
+                self.config.port_name,
+                self.agent_socket().display(),
+                self.accel.unwrap_or(self.config.accel).name()
+            ),
+            started_at: self
+                .started_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn uvm(dir: &str) -> QemuUvm {
+        QemuUvm::new(QemuConfig::new(
+            "t",
+            PathBuf::from(dir),
+            PathBuf::from("/img/vmlinux"),
+            PathBuf::from("/img/initramfs.cpio"),
+        ))
+    }
+
+    #[test]
+    fn command_line_has_the_channel_and_the_agent_arguments() {
+        let args: Vec<String> = uvm("/s")
+            .command_line(Accel::Tcg)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        for want in [
+            "-accel tcg",
+            "-kernel /img/vmlinux",
+            "-initrd /img/initramfs.cpio",
+            "-serial file:/s/console.log",
+            "socket,id=agent,path=/s/agent.sock,server=on,wait=off",
+            "virtserialport,bus=vser0.0,chardev=agent,name=ferry.0",
+            "-qmp unix:/s/qmp.sock,server=on,wait=off",
+        ] {
+            assert!(joined.contains(want), "{want} missing from {joined}");
+        }
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert_eq!(
+            append,
+            "console=ttyS0 quiet panic=-1 -- --init --port-name=ferry.0 --log-level=info"
+        );
+        let kvm = uvm("/s").command_line(Accel::Kvm).unwrap();
+        assert!(kvm.iter().any(|a| a == "host"));
+    }
+
+    #[test]
+    fn commas_in_paths_are_refused() {
+        assert!(uvm("/s,x").command_line(Accel::Tcg).is_err());
+    }
+
+    #[test]
+    fn accel_parses() {
+        assert_eq!("auto".parse::<Accel>().unwrap(), Accel::Auto);
+        assert!("xen".parse::<Accel>().is_err());
+        assert_ne!(Accel::Auto.resolve(), Accel::Auto);
+    }
+}
