@@ -504,6 +504,16 @@ pub struct ProcessDetails {
     /// The program (argv[0]); a ferry addition, ignored by hosts that do not know it.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image_name: String,
+    /// Ferry additions, ignored by hosts that do not know them: the ports the process's
+    /// resumable stdio streams re-dial, its command line and whether it has a terminal, so
+    /// that a host which lost track of a process (killed between starting it and recording
+    /// it) can take it over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ferry_stdio: Option<StdioPorts>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ferry_args: Vec<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ferry_terminal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -558,3 +558,65 @@ fn a_snapshot_pointing_at_another_uvms_agent_is_refused() {
     a.ok(&["uvm", "restore", snap.to_str().unwrap()]);
     a.ok(&["ps", "u"]);
 }
+
+#[test]
+fn a_process_the_last_snapshot_missed_is_taken_over() {
+    if skip("unrecorded process test") {
+        return;
+    }
+    let e = Env::new("unrec");
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        &counter(300, "exit 0"),
+    ]);
+    // What a host killed in the middle of an exec leaves behind: a snapshot from before the
+    // exec, and a process running in the guest that it never recorded.
+    let before = e.state.join("before.snapshot");
+    std::fs::copy(e.state.join("uvms/u/snapshot"), &before).unwrap();
+    e.ok(&[
+        "exec",
+        "u",
+        "a",
+        "-d",
+        "--",
+        "sh",
+        "-c",
+        &counter(60, "exit 7"),
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
+    let shim = info["shim_pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
+    wait_pid_gone(shim);
+
+    e.ok(&["uvm", "restore", before.to_str().unwrap()]);
+    // The unrecorded process is known again: listed, its exit code and all its output.
+    let ps: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "ps", "u", "a"])).unwrap();
+    let procs = ps["processes"].as_array().unwrap();
+    assert_eq!(
+        procs.len(),
+        2,
+        "the exec'd process was not taken over: {ps}"
+    );
+    let exec = procs.iter().find(|p| p["init"] == false).unwrap();
+    assert_eq!(exec["command"][0], "sh", "{exec}");
+    let pid = exec["pid"].to_string();
+    assert_eq!(
+        e.ferry(&["wait", "u", "a", "--pid", &pid]).status.code(),
+        Some(7)
+    );
+    assert_counter(&e.ok(&["logs", "u", "a", "--pid", &pid]), 60);
+    // A new process gets ports the killed host could not have handed out.
+    let out = e.ferry(&["exec", "u", "a", "--", "sh", "-c", &counter(20, "exit 0")]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_counter(&String::from_utf8_lossy(&out.stdout), 20);
+    assert_eq!(e.ferry(&["wait", "u", "a"]).status.code(), Some(0));
+    assert_counter(&e.ok(&["logs", "u", "a"]), 300);
+}

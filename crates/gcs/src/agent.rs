@@ -377,6 +377,7 @@ impl Agent {
         resumable: bool,
     ) -> Result<u32> {
         let image_name = plan.args.first().cloned().unwrap_or_default();
+        let (args, terminal) = (plan.args.clone(), plan.terminal);
         let (child_stdio, relays) = stdio::prepare(
             &self.config.transport,
             ports,
@@ -431,6 +432,9 @@ impl Agent {
                 pid,
                 container_id: container_id.to_string(),
                 image_name: image_name.clone(),
+                args,
+                terminal,
+                resumable_ports: resumable.then_some(ports),
                 is_init,
                 exit: watch::channel(None).0,
                 pty,
@@ -591,6 +595,9 @@ impl Agent {
             .map(|p| ProcessDetails {
                 process_id: p.pid,
                 image_name: p.image_name.clone(),
+                ferry_stdio: p.resumable_ports,
+                ferry_args: p.args.clone(),
+                ferry_terminal: p.terminal,
             })
             .collect();
         list.sort_by_key(|p| p.process_id);

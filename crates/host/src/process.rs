@@ -112,6 +112,19 @@ impl Process {
         })
     }
 
+    /// Takes over a running process that no saved state describes (its host was killed after
+    /// starting it, before recording it): waits for it with a new WaitForProcess. `io` are its
+    /// pipes, listened on again at its ports (see [`crate::stdio::reopen`]).
+    pub async fn claim(
+        conn: GuestConnection,
+        container_id: &str,
+        pid: u32,
+        ports: (u32, u32, u32),
+        io: ProcessIo,
+    ) -> Result<Process> {
+        Self::started(conn, container_id, pid, ports, io).await
+    }
+
     /// Re-attaches to a process another host started (the restore path): `adopted` is its
     /// outstanding wait, registered under the saved id (see
     /// [`GuestConnection::register_pending`]) without sending a new one. Probes once whether

@@ -247,6 +247,34 @@ pub async fn reattach(
             },
         );
     }
+    // Processes the guest runs that the snapshot does not know: the previous host was killed
+    // after starting them and before recording them. Take them over rather than leave them
+    // running unseen.
+    for (id, rec) in containers.iter_mut() {
+        let listed = match rec.container.processes().await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(container = %id, error = %e, "cannot list the guest's processes; unrecorded ones stay unknown");
+                continue;
+            }
+        };
+        let unrecorded: Vec<_> = listed
+            .into_iter()
+            .filter(|d| !rec.procs.contains_key(&d.process_id))
+            .collect();
+        for d in &unrecorded {
+            match claim_unrecorded(&conn, id, d, &logs.join(id), log_limit).await {
+                Ok(p) => {
+                    tracing::warn!(container = %id, pid = d.process_id, command = ?d.ferry_args,
+                        "took over a process the last snapshot did not record (its host stopped while starting it)");
+                    rec.procs.insert(d.process_id, p);
+                }
+                Err(e) => {
+                    tracing::error!(container = %id, pid = d.process_id, error = %e, "cannot take over an unrecorded process")
+                }
+            }
+        }
+    }
     tracing::info!(
         uvm = %snap.uvm.name,
         containers = containers.len(),
@@ -254,6 +282,51 @@ pub async fn reattach(
         "restored"
     );
     Ok((uvm, conn, containers, snap.uvm.log_limit))
+}
+
+/// Takes over a process the guest runs and no snapshot recorded: its stdio ports (which the
+/// guest reports) are listened on from their first byte — the guest still holds everything
+/// no host acknowledged — and it is waited for like a new process.
+async fn claim_unrecorded(
+    conn: &GuestConnection,
+    container: &str,
+    d: &bridge::message::ProcessDetails,
+    log_dir: &Path,
+    log_limit: u64,
+) -> Result<Arc<ProcRec>, String> {
+    let ports = d.ferry_stdio.unwrap_or_default();
+    let state = host::MigrationState {
+        stdin_port: ports.std_in,
+        stdout_port: ports.std_out,
+        stderr_port: ports.std_err,
+        wait_call_id: 0,
+    };
+    let io = host::stdio::reopen(conn.transport(), &state, 0, 0)
+        .await
+        .map_err(|e| e.to_string())?;
+    let process = Process::claim(
+        conn.clone(),
+        container,
+        d.process_id,
+        (ports.std_in, ports.std_out, ports.std_err),
+        io,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let args = if d.ferry_args.is_empty() {
+        vec![d.image_name.clone()]
+    } else {
+        d.ferry_args.clone()
+    };
+    ProcRec::start(
+        process,
+        container,
+        args,
+        d.ferry_terminal,
+        false,
+        Logs::new(log_dir, log_limit, false),
+    )
+    .map_err(|e| format!("cannot capture its output: {e}"))
 }
 
 async fn restore_process(

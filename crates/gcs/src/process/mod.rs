@@ -25,6 +25,11 @@ pub struct ProcessEntry {
     pub container_id: String,
     /// argv[0], for process listings.
     pub image_name: String,
+    /// The command line and terminal flag, for process listings.
+    pub args: Vec<String>,
+    pub terminal: bool,
+    /// The ports its resumable stdio streams re-dial (None for raw streams).
+    pub resumable_ports: Option<bridge::message::StdioPorts>,
     /// The container's init process (its exit ends the container).
     pub is_init: bool,
     /// The exit code, published once the process has exited *and* its output has been
