@@ -620,3 +620,125 @@ fn a_process_the_last_snapshot_missed_is_taken_over() {
     assert_eq!(e.ferry(&["wait", "u", "a"]).status.code(), Some(0));
     assert_counter(&e.ok(&["logs", "u", "a"]), 300);
 }
+
+/// The pid of the shim whose command line names `needle` (e.g. this test's snapshot path),
+/// polled for up to 10 s.
+fn find_shim(needle: &str) -> Option<i32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("\0shim\0") && cmd.contains(needle) {
+                return Some(pid);
+            }
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+#[test]
+fn sigkill_during_save_or_restore_loses_nothing() {
+    if skip("SIGKILL during save/restore test") {
+        return;
+    }
+    let e = Env::new("killsr");
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "a",
+        "--",
+        "sh",
+        "-c",
+        &counter(400, "exit 5"),
+    ]);
+    e.ok(&[
+        "run",
+        "u",
+        "-d",
+        "--id",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        &counter(60, "exit 3"),
+    ]);
+    e.ok(&[
+        "exec",
+        "u",
+        "a",
+        "-d",
+        "--",
+        "sh",
+        "-c",
+        &counter(150, "exit 6"),
+    ]);
+    let snapshot = e.state.join("uvms/u/snapshot");
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+        wait_pid_gone(pid);
+    };
+    // Kill points spread over each operation (a different one every round).
+    for round in 0..6u64 {
+        let delay = std::time::Duration::from_millis(round * 7 % 25);
+        if round % 2 == 0 {
+            // During a save: the snapshot on disk is the last complete one, old or new.
+            let info: serde_json::Value =
+                serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
+            let shim = info["shim_pid"].as_i64().unwrap() as i32;
+            let mut save = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .env("FERRY_STATE_DIR", &e.state)
+                .args(["uvm", "save", "u"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(delay);
+            kill(shim);
+            let _ = save.wait();
+        } else {
+            // During a restore: the new shim dies part-way; the next restore starts over.
+            let saved = e.ok(&["uvm", "save", "u"]);
+            let copy = e.state.join(format!("round-{round}.snapshot"));
+            std::fs::copy(saved.trim(), &copy).unwrap();
+            let mut restore = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .env("FERRY_STATE_DIR", &e.state)
+                .args(["uvm", "restore", copy.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let shim = find_shim(copy.to_str().unwrap()).expect("the restoring shim started");
+            std::thread::sleep(delay);
+            kill(shim);
+            let _ = restore.wait();
+        }
+        // Nobody serves the UVM now; the last snapshot brings it back.
+        e.ok(&["uvm", "restore", snapshot.to_str().unwrap()]);
+    }
+    // Every process accounted for: exit codes and every line, once, in order.
+    assert_eq!(e.ferry(&["wait", "u", "b"]).status.code(), Some(3));
+    assert_counter(&e.ok(&["logs", "u", "b"]), 60);
+    let ps: serde_json::Value = serde_json::from_str(&e.ok(&["--json", "ps", "u", "a"])).unwrap();
+    let procs = ps["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 2, "{ps}");
+    let exec = procs.iter().find(|p| p["init"] == false).unwrap();
+    let pid = exec["pid"].to_string();
+    assert_eq!(
+        e.ferry(&["wait", "u", "a", "--pid", &pid]).status.code(),
+        Some(6)
+    );
+    assert_counter(&e.ok(&["logs", "u", "a", "--pid", &pid]), 150);
+    assert_eq!(e.ferry(&["wait", "u", "a"]).status.code(), Some(5));
+    assert_counter(&e.ok(&["logs", "u", "a"]), 400);
+}
