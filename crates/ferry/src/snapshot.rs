@@ -48,6 +48,9 @@ pub struct ProcessState {
     /// Bytes of stdout/stderr the host holds (None: no pipe).
     pub stdout_offset: Option<u64>,
     pub stderr_offset: Option<u64>,
+    /// Where a resumable stdin stood (absent in older snapshots and for raw pipes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<host::stdio::StdinState>,
     /// The exit code, if the process had exited when saved.
     pub exit_code: Option<i32>,
 }
@@ -232,6 +235,11 @@ mod tests {
                         wait_call_id: 17,
                     },
                     stdout_offset: Some(100),
+                    stdin: Some(host::stdio::StdinState {
+                        acked: 7,
+                        pending: b"not yet seen".to_vec(),
+                        closed: true,
+                    }),
                     stderr_offset: Some(0),
                     exit_code: None,
                 }],

@@ -742,3 +742,52 @@ fn sigkill_during_save_or_restore_loses_nothing() {
     assert_eq!(e.ferry(&["wait", "u", "a"]).status.code(), Some(5));
     assert_counter(&e.ok(&["logs", "u", "a"]), 400);
 }
+
+#[test]
+fn stdin_sent_before_a_handoff_and_after_it_both_arrive() {
+    if skip("stdin across a handoff test") {
+        return;
+    }
+    use std::io::{BufRead, Write};
+    let e = Env::new("stdin");
+    let script = "read a; echo got $a; read b; echo got $b; exit 2";
+    e.ok(&[
+        "run", "u", "-d", "-i", "--id", "r", "--", "sh", "-c", script,
+    ]);
+    let attach = || {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .env("FERRY_STATE_DIR", &e.state)
+            .args(["attach", "u", "r"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // One line in, its echo out; then the client vanishes without closing the input.
+    let mut first = attach();
+    first.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "got one\n");
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    e.ok(&["uvm", "upgrade", "u"]);
+
+    // The input stream goes on where it was: the second line reaches the same `read`.
+    let mut second = attach();
+    second.stdin.as_mut().unwrap().write_all(b"two\n").unwrap();
+    drop(second.stdin.take());
+    let pid = second.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+    });
+    let out = second.wait_with_output().unwrap();
+    drop(watchdog);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got two\n");
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(e.ok(&["logs", "u", "r"]), "got one\ngot two\n");
+}

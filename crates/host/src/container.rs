@@ -217,7 +217,7 @@ impl Container {
             match i {
                 0 => {
                     io.stdin = Some(if resumable {
-                        InputPipe::resumable(l, Some(s))
+                        InputPipe::resumable(l, Some(s), None)
                     } else {
                         InputPipe::Raw(s)
                     })

@@ -81,13 +81,68 @@ pub enum InputPipe {
     },
 }
 
+/// Where a resumable stdin stood when saved: what the guest acknowledged, the bytes sent
+/// after that (the guest may not have them), and whether the input was closed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StdinState {
+    pub acked: u64,
+    #[serde(with = "hex_bytes", default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<u8>,
+    #[serde(default)]
+    pub closed: bool,
+}
+
+/// Bytes as a hex string: a quarter of the size of a JSON array of numbers.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.len() % 2 != 0 {
+            return Err(D::Error::custom("hex string of odd length"));
+        }
+        (0..text.len())
+            .step_by(2)
+            .map(|i| {
+                text.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| D::Error::custom("not a hex string"))
+            })
+            .collect()
+    }
+}
+
 impl InputPipe {
     /// A resumable stdin on `listener`; `first` is a connection already accepted (none when
-    /// restoring: the guest dials again).
-    pub fn resumable(listener: Listener, first: Option<BoxStream>) -> InputPipe {
-        let (sender, driver) = resumable::sender(resumable::DEFAULT_WINDOW);
+    /// restoring: the guest dials again). With `saved`, the stream continues where a previous
+    /// host left it.
+    pub fn resumable(
+        listener: Listener,
+        first: Option<BoxStream>,
+        saved: Option<StdinState>,
+    ) -> InputPipe {
+        let saved = saved.unwrap_or_default();
+        let (sender, driver) = resumable::sender_resuming(
+            resumable::DEFAULT_WINDOW,
+            saved.acked,
+            saved.pending,
+            saved.closed,
+        );
         let delivery = tokio::spawn(driver.run(connector(listener, first)));
         InputPipe::Resumable { sender, delivery }
+    }
+
+    /// A handle on a resumable stdin's state, for saving it (None for a raw pipe).
+    pub fn state_handle(&self) -> Option<StdinHandle> {
+        match self {
+            InputPipe::Raw(_) => None,
+            InputPipe::Resumable { sender, .. } => Some(StdinHandle(sender.clone())),
+        }
     }
 
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
@@ -111,6 +166,21 @@ impl InputPipe {
     }
 }
 
+/// Reads a resumable stdin's state while the pipe itself is in use elsewhere.
+#[derive(Clone)]
+pub struct StdinHandle(resumable::Sender);
+
+impl StdinHandle {
+    pub fn state(&self) -> StdinState {
+        let (acked, pending) = self.0.pending();
+        StdinState {
+            acked,
+            pending,
+            closed: self.0.is_finished(),
+        }
+    }
+}
+
 /// Listens again on a restored process's saved stdio ports (resumable streams: the guest dials
 /// them again and each resumes at the offset the host holds).
 pub async fn reopen(
@@ -118,12 +188,14 @@ pub async fn reopen(
     state: &crate::MigrationState,
     stdout_offset: u64,
     stderr_offset: u64,
+    stdin: Option<StdinState>,
 ) -> crate::Result<crate::process::ProcessIo> {
     let mut io = crate::process::ProcessIo::default();
     if state.stdin_port != 0 {
         io.stdin = Some(InputPipe::resumable(
             transport.listen(state.stdin_port).await?,
             None,
+            stdin,
         ));
     }
     if state.stdout_port != 0 {

@@ -50,6 +50,7 @@ pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
                     migration: p.process.migration_state(),
                     stdout_offset: p.stdout.as_ref().map(|l| l.progress().written),
                     stderr_offset: p.stderr.as_ref().map(|l| l.progress().written),
+                    stdin: p.stdin_state.as_ref().map(|s| s.state()),
                     exit_code: p.exit_state().and_then(|e| e.ok()),
                 })
                 .collect(),
@@ -159,6 +160,7 @@ pub async fn reattach(
                     &p.migration,
                     recorded("stdout"),
                     recorded("stderr"),
+                    p.stdin.clone(),
                 )
                 .await
                 .map_err(|e| format!("listening again for process {} of {id}: {e}", p.pid))?;
@@ -301,7 +303,7 @@ async fn claim_unrecorded(
         stderr_port: ports.std_err,
         wait_call_id: 0,
     };
-    let io = host::stdio::reopen(conn.transport(), &state, 0, 0)
+    let io = host::stdio::reopen(conn.transport(), &state, 0, 0, None)
         .await
         .map_err(|e| e.to_string())?;
     let process = Process::claim(

@@ -25,6 +25,9 @@ pub struct ProcRec {
     pub process: Arc<Process>,
     /// The stdin pipe, while no client holds it.
     pub stdin: tokio::sync::Mutex<Option<InputPipe>>,
+    /// Where the stdin stream stands, readable even while a client holds the pipe (for
+    /// snapshots: bytes sent but not yet acknowledged must survive a handoff).
+    pub stdin_state: Option<host::stdio::StdinHandle>,
     pub stdout: Option<Arc<OutputLog>>,
     pub stderr: Option<Arc<OutputLog>>,
     /// Set once the process has exited and its output is all captured.
@@ -132,6 +135,7 @@ impl ProcRec {
         let stdout = log("stdout", process.take_stdout())?;
         let stderr = log("stderr", process.take_stderr())?;
         let stdin = process.take_stdin();
+        let stdin_state = stdin.as_ref().and_then(|s| s.state_handle());
         let process = Arc::new(process);
         let (tx, exit) = watch::channel(exit_code.map(Ok));
         if exit_code.is_none() {
@@ -166,6 +170,7 @@ impl ProcRec {
             is_init,
             process,
             stdin: tokio::sync::Mutex::new(stdin),
+            stdin_state,
             stdout,
             stderr,
             exit,
