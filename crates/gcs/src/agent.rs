@@ -106,7 +106,13 @@ impl Agent {
                 resp.to_frame(id)
             }
             Err(e) => {
-                tracing::info!(rpc = rpc.name(), id, error = %e, "request failed");
+                // A timed-out wait is an answer, not a failure (a restored host probes every
+                // process that way): keep it out of the info log.
+                if matches!(e, crate::error::GcsError::Timeout(_)) {
+                    tracing::debug!(rpc = rpc.name(), id, error = %e, "request timed out");
+                } else {
+                    tracing::info!(rpc = rpc.name(), id, error = %e, "request failed");
+                }
                 let mut base = ResponseBase::error(e.hresult(), e.to_string());
                 base.activity_id = activity;
                 Ok(Response::base_frame(rpc, id, &base))

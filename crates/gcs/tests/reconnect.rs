@@ -14,6 +14,12 @@ fn counter(n: u32, code: u32) -> String {
     format!("i=0; while [ $i -lt {n} ]; do echo $i; i=$((i+1)); sleep 0.01; done; exit {code}")
 }
 
+/// A counter that starts only once a line arrives on stdin: it cannot end before the test
+/// has dropped the bridge, however slow the machine.
+fn gated(n: u32, code: u32) -> String {
+    format!("read go; {}", counter(n, code))
+}
+
 fn assert_counter(out: &[u8], n: u32) {
     let text = String::from_utf8_lossy(out);
     let lines: Vec<&str> = text.lines().collect();
@@ -45,7 +51,7 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
         .create_container(
             &conn,
             "c",
-            container_spec(&rootfs, &["sh", "-c", &counter(30, 5)], false),
+            container_spec(&rootfs, &["sh", "-c", &gated(30, 5)], false),
         )
         .await);
     let (resp, mut cio) = gcs
@@ -53,10 +59,11 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
             &conn,
             "c",
             ProcessParameters {
+                create_std_in_pipe: true,
                 create_std_out_pipe: true,
                 ..Default::default()
             },
-            (false, true, false),
+            (true, true, false),
         )
         .await;
     ok(&resp);
@@ -65,12 +72,17 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
     };
     let init = e.process_id;
     let (upid, mut uio) = gcs
-        .exec_uvm(&conn, &["sh", "-c", &counter(30, 6)], (false, true, false))
+        .exec_uvm(&conn, &["sh", "-c", &gated(30, 6)], (true, true, false))
         .await;
 
     // Ask for the UVM process's exit, then drop the bridge before it comes.
     let (wait_id, _) = conn.send(&wait_req(UVM, upid, bridge::INFINITE_WAIT)).await;
     drop(conn);
+    for io in [&mut cio, &mut uio] {
+        tokio::io::AsyncWriteExt::write_all(io.stdin.as_mut().unwrap(), b"go\n")
+            .await
+            .unwrap();
+    }
 
     // Both processes run to the end while nobody is connected (their stdio is separate).
     let (cout, uout) = tokio::join!(
@@ -130,18 +142,22 @@ async fn fifty_drops_with_several_processes_nothing_leaks() {
         let mut running = Vec::new();
         for k in 0..PROCS {
             let code = (round * PROCS + k) % 200;
+            // Gated: none may exit (and have its wait answered on this connection) before
+            // the bridge is dropped.
+            let script = gated(5, code);
             let (pid, io) = gcs
-                .exec_uvm(
-                    &conn,
-                    &["sh", "-c", &counter(5, code)],
-                    (false, true, false),
-                )
+                .exec_uvm(&conn, &["sh", "-c", &script], (true, true, false))
                 .await;
             let (id, _) = conn.send(&wait_req(UVM, pid, bridge::INFINITE_WAIT)).await;
             running.push((pid, id, code, io));
         }
-        // Drop the bridge while they run.
+        // Drop the bridge while they run, then let them finish.
         drop(conn);
+        for (_, _, _, io) in running.iter_mut() {
+            tokio::io::AsyncWriteExt::write_all(io.stdin.as_mut().unwrap(), b"go\n")
+                .await
+                .unwrap();
+        }
         let conn = gcs.accept().await;
         let adopted: Vec<_> = running
             .iter()
