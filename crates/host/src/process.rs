@@ -129,7 +129,9 @@ impl Process {
     /// outstanding wait, registered under the saved id (see
     /// [`GuestConnection::register_pending`]) without sending a new one. Probes once whether
     /// the process already exited while no host was connected (the original answer may have
-    /// been lost), and takes whichever answer comes first.
+    /// been lost), and takes whichever answer comes first. Without `probe` (the caller knows
+    /// the process is still running, from a process list taken after the reconnection), the
+    /// adopted wait alone answers: its answer goes to the new connection.
     pub fn adopt(
         conn: GuestConnection,
         container_id: &str,
@@ -137,13 +139,17 @@ impl Process {
         state: MigrationState,
         adopted: oneshot::Receiver<Result<Response>>,
         io: ProcessIo,
+        probe: bool,
     ) -> Process {
         let (tx, exit) = watch::channel(None);
         let probe_conn = conn.clone();
-        let probe = wait_request(container_id, pid, 0);
+        let request = wait_request(container_id, pid, 0);
         tokio::spawn(async move {
             let probed = async {
-                match probe_conn.call(probe).await {
+                if !probe {
+                    return None;
+                }
+                match probe_conn.call(request).await {
                     Ok(r) => Some(exit_code_of(Ok(r))),
                     // Still running: the adopted wait will answer.
                     Err(HostError::Timeout(_)) => None,

@@ -204,14 +204,27 @@ pub async fn reattach(
     // Steps 4 and 5: per process, pipes and exits — all processes at once, so that a UVM with
     // thousands of them is back as fast as one with a few.
     let log_limit = snap.uvm.log_limit;
+    // Which processes still run, one request per container: only the others need a probe for
+    // an exit whose answer may have been lost (a list that fails means probing them all).
+    let mut running: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
+    for container in &opened {
+        if let Ok(list) = container.processes().await {
+            running.insert(
+                container.id().to_string(),
+                list.iter().map(|d| d.process_id).collect(),
+            );
+        }
+    }
     let mut tasks = tokio::task::JoinSet::new();
     for (ci, c) in snap.containers.iter().enumerate() {
         for p in &c.processes {
             let rx = adopted.remove(&(c.id.clone(), p.pid));
             let io = reopened.remove(&(c.id.clone(), p.pid));
+            let probe = !running.get(&c.id).is_some_and(|r| r.contains(&p.pid));
             let (conn, id, p, log_dir) = (conn.clone(), c.id.clone(), p.clone(), logs.join(&c.id));
             tasks.spawn(async move {
-                let rec = restore_process(&conn, &id, &p, rx, io, &log_dir, log_limit)
+                let logs = Logs::existing(&log_dir, log_limit);
+                let rec = restore_process(&conn, &id, &p, rx, io, probe, logs)
                     .await
                     .map_err(|e| format!("restoring process {} of container {id}: {e}", p.pid));
                 (ci, p.pid, p.init, rec)
@@ -337,8 +350,8 @@ async fn restore_process(
     p: &ProcessState,
     adopted: Option<oneshot::Receiver<host::Result<Response>>>,
     io: Option<host::process::ProcessIo>,
-    log_dir: &Path,
-    log_limit: u64,
+    probe: bool,
+    logs: Logs<'_>,
 ) -> Result<Arc<ProcRec>, HostError> {
     let (adopted, io) = match (p.exit_code, adopted) {
         // Its pipes were listened on again before the agent came back.
@@ -346,14 +359,22 @@ async fn restore_process(
         // Exited before the save: nothing to adopt, only its logs and code remain.
         _ => (oneshot::channel().1, host::process::ProcessIo::default()),
     };
-    let process = Process::adopt(conn.clone(), container, p.pid, p.migration, adopted, io);
+    let process = Process::adopt(
+        conn.clone(),
+        container,
+        p.pid,
+        p.migration,
+        adopted,
+        io,
+        probe,
+    );
     ProcRec::restore(
         process,
         container,
         p.args.clone(),
         p.tty,
         p.init,
-        Logs::existing(log_dir, log_limit),
+        logs,
         p.exit_code,
     )
     .map_err(|e| HostError::Io(e.to_string()))
