@@ -138,15 +138,24 @@ async fn shutdown_graceful_and_forced() {
         &[
             "sh",
             "-c",
-            "trap 'exit 42' TERM; while true; do sleep 0.05; done",
+            "trap 'exit 42' TERM; echo ready; while true; do sleep 0.05; done",
         ],
         false,
     );
     ok(&gcs.create_container(&conn, "g", spec).await);
-    let (resp, _io) = gcs
-        .exec_raw(&conn, "g", init_params(), (false, false, false))
+    let (resp, mut io) = gcs
+        .exec_raw(&conn, "g", init_params(), (false, true, true))
         .await;
     ok(&resp);
+    // Shut down only once the handler is in place: a TERM before it would be ignored.
+    let mut ready = [0u8; 6];
+    within(
+        "the init's handler",
+        tokio::io::AsyncReadExt::read_exact(io.stdout.as_mut().unwrap(), &mut ready),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&ready, b"ready\n");
     ok(&conn
         .call(Request::ShutdownGraceful(BaseRequest { base: base("g") }))
         .await);
