@@ -308,8 +308,7 @@ fn bad_snapshots_are_refused_with_the_cause() {
         serde_json::from_str(&body).unwrap()
     };
     let agent = v["uvm"]["agent_pid"].as_u64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent), nix::sys::signal::SIGKILL).unwrap();
-    wait_pid_gone(agent);
+    assert!(sigkill(agent), "the agent was running");
     let out = e.ferry(&["uvm", "restore", snap.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(125));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -354,11 +353,7 @@ fn a_shim_killed_with_sigkill_is_replaced_from_its_last_snapshot() {
         "-c",
         &counter(100, "exit 6"),
     ]);
-    let info: serde_json::Value =
-        serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
-    let shim = info["shim_pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
-    wait_pid_gone(shim);
+    assert!(sigkill(shim_pid(&e)), "the shim was running");
     assert_eq!(
         e.ferry(&["ps", "u"]).status.code(),
         Some(125),
@@ -392,10 +387,27 @@ fn fds_and_threads(pid: i32) -> (usize, usize) {
     )
 }
 
+/// `ferry uvm inspect u`, parsed.
+fn inspect(e: &Env) -> serde_json::Value {
+    serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap()
+}
+
+/// The pid of the shim serving the UVM.
+fn shim_pid(e: &Env) -> i32 {
+    inspect(e)["shim_pid"].as_i64().unwrap() as i32
+}
+
+/// Sends SIGKILL to `pid` and waits until it is gone; false if there was no such process.
+fn sigkill(pid: i32) -> bool {
+    let sent =
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL).is_ok();
+    wait_pid_gone(pid);
+    sent
+}
+
 /// The agent proper: PID 1 of the UVM's namespace, the child of the pid the shim reports.
 fn agent_pid(e: &Env) -> i32 {
-    let info: serde_json::Value =
-        serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
+    let info = inspect(e);
     let outer = info["uvm"]["pid"].as_i64().unwrap();
     let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap();
     children.split_whitespace().next().unwrap().parse().unwrap()
@@ -445,14 +457,9 @@ fn a_hundred_handoffs_with_twenty_writers_lose_nothing_and_leak_nothing() {
     }
     e.ok(&["uvm", "upgrade", "u"]);
     let agent = agent_pid(&e);
-    let shim = |e: &Env| -> i32 {
-        let info: serde_json::Value =
-            serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
-        info["shim_pid"].as_i64().unwrap() as i32
-    };
     let (guest_before, host_before, floors_before) = (
         fds_and_threads(agent),
-        fds_and_threads(shim(&e)),
+        fds_and_threads(shim_pid(&e)),
         snapshot_floors(&e),
     );
     for _ in 0..100 {
@@ -460,7 +467,7 @@ fn a_hundred_handoffs_with_twenty_writers_lose_nothing_and_leak_nothing() {
     }
     let (guest_after, host_after, floors_after) = (
         fds_and_threads(agent),
-        fds_and_threads(shim(&e)),
+        fds_and_threads(shim_pid(&e)),
         snapshot_floors(&e),
     );
     eprintln!(
@@ -530,11 +537,7 @@ fn a_snapshot_pointing_at_another_uvms_agent_is_refused() {
     let a = Env::new("wrong-a");
     let b = Env::new("wrong-b");
     let snap = PathBuf::from(a.ok(&["uvm", "save", "u"]).trim());
-    let b_agent = {
-        let info: serde_json::Value =
-            serde_json::from_str(&b.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
-        info["uvm"]["pid"].as_u64().unwrap()
-    };
+    let b_agent = inspect(&b)["uvm"]["pid"].as_u64().unwrap();
     // A's snapshot, re-signed, but naming B's agent.
     let text = std::fs::read_to_string(&snap).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(text.split_once('\n').unwrap().1).unwrap();
@@ -590,11 +593,7 @@ fn a_process_the_last_snapshot_missed_is_taken_over() {
         "-c",
         &counter(60, "exit 7"),
     ]);
-    let info: serde_json::Value =
-        serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
-    let shim = info["shim_pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
-    wait_pid_gone(shim);
+    assert!(sigkill(shim_pid(&e)), "the shim was running");
 
     e.ok(&["uvm", "restore", before.to_str().unwrap()]);
     // The unrecorded process is known again: listed, its exit code and all its output.
@@ -684,18 +683,12 @@ fn sigkill_during_save_or_restore_loses_nothing() {
         &counter(150, "exit 6"),
     ]);
     let snapshot = e.state.join("uvms/u/snapshot");
-    let kill = |pid: i32| {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-        wait_pid_gone(pid);
-    };
     // Kill points spread over each operation (a different one every round).
     for round in 0..6u64 {
         let delay = std::time::Duration::from_millis(round * 7 % 25);
         if round % 2 == 0 {
             // During a save: the snapshot on disk is the last complete one, old or new.
-            let info: serde_json::Value =
-                serde_json::from_str(&e.ok(&["--json", "uvm", "inspect", "u"])).unwrap();
-            let shim = info["shim_pid"].as_i64().unwrap() as i32;
+            let shim = shim_pid(&e);
             let mut save = Command::new(env!("CARGO_BIN_EXE_ferry"))
                 .env("FERRY_STATE_DIR", &e.state)
                 .args(["uvm", "save", "u"])
@@ -704,7 +697,8 @@ fn sigkill_during_save_or_restore_loses_nothing() {
                 .spawn()
                 .unwrap();
             std::thread::sleep(delay);
-            kill(shim);
+            // It may have finished the save and exited already.
+            sigkill(shim);
             let _ = save.wait();
         } else {
             // During a restore: the new shim dies part-way; the next restore starts over.
@@ -720,7 +714,8 @@ fn sigkill_during_save_or_restore_loses_nothing() {
                 .unwrap();
             let shim = find_shim(copy.to_str().unwrap()).expect("the restoring shim started");
             std::thread::sleep(delay);
-            kill(shim);
+            // A restoring shim goes on serving once done: it is always there to kill.
+            assert!(sigkill(shim), "the restoring shim was running");
             let _ = restore.wait();
         }
         // Nobody serves the UVM now; the last snapshot brings it back.

@@ -85,8 +85,11 @@ fn watch_exit(
 }
 
 impl Process {
-    /// A process the guest just started: subscribe to its exit right away.
-    pub(crate) async fn started(
+    /// A running process this host is to wait for with a new WaitForProcess: one the guest
+    /// just started for it, or one that no saved state describes (its host was killed after
+    /// starting it, before recording it). `io` are its pipes (for the latter, listened on
+    /// again at its ports: see [`crate::stdio::reopen`]).
+    pub async fn started(
         conn: GuestConnection,
         container_id: &str,
         pid: u32,
@@ -110,19 +113,6 @@ impl Process {
             exit,
             conn,
         })
-    }
-
-    /// Takes over a running process that no saved state describes (its host was killed after
-    /// starting it, before recording it): waits for it with a new WaitForProcess. `io` are its
-    /// pipes, listened on again at its ports (see [`crate::stdio::reopen`]).
-    pub async fn claim(
-        conn: GuestConnection,
-        container_id: &str,
-        pid: u32,
-        ports: (u32, u32, u32),
-        io: ProcessIo,
-    ) -> Result<Process> {
-        Self::started(conn, container_id, pid, ports, io).await
     }
 
     /// Re-attaches to a process another host started (the restore path): `adopted` is its

@@ -115,6 +115,11 @@ fn read_header(file: &File) -> std::io::Result<(Layout, u64)> {
     ))
 }
 
+/// Where the log of process `pid`'s `stream` ("stdout" or "stderr") lives in `dir`.
+pub fn log_path(dir: &Path, pid: u32, stream: &str) -> PathBuf {
+    dir.join(format!("{pid}.{stream}"))
+}
+
 /// How many bytes of output the log file at `path` has recorded (0 if there is none): where
 /// a restored stream resumes.
 pub fn recorded(path: &Path) -> u64 {

@@ -153,8 +153,7 @@ pub async fn reattach(
         listening.spawn(async move {
             let mut ios = Vec::with_capacity(live.len());
             for p in live {
-                let recorded =
-                    |name: &str| output::recorded(&dir.join(format!("{}.{name}", p.pid)));
+                let recorded = |name: &str| output::recorded(&output::log_path(&dir, p.pid, name));
                 let io = host::stdio::reopen(
                     &transport,
                     &p.migration,
@@ -319,7 +318,7 @@ async fn claim_unrecorded(
     let io = host::stdio::reopen(conn.transport(), &state, 0, 0, None)
         .await
         .map_err(|e| e.to_string())?;
-    let process = Process::claim(
+    let process = Process::started(
         conn.clone(),
         container,
         d.process_id,

@@ -125,7 +125,7 @@ impl ProcRec {
         let log = |name: &str,
                    pipe: Option<host::OutputPipe>|
          -> std::io::Result<Option<Arc<OutputLog>>> {
-            let path = log_dir.join(format!("{pid}.{name}"));
+            let path = super::output::log_path(log_dir, pid, name);
             Ok(match pipe {
                 Some(pipe) => Some(OutputLog::capture(&path, pipe, append, limit, hold)?),
                 None if append && path.exists() => Some(OutputLog::existing(&path)),
