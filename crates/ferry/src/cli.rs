@@ -1,5 +1,6 @@
 //! The command line.
 
+use crate::shim::backend::{BackendKind, QemuArgs};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -97,29 +98,50 @@ pub enum Command {
         #[arg(short, long)]
         force: bool,
     },
+    /// Live-migrate a running QEMU UVM, its containers and their output to another ferry
+    /// host; the workload keeps running (a pause of milliseconds at the switch-over).
+    Migrate(MigrateArgs),
     /// (internal) The per-UVM host process.
     #[command(hide = true)]
-    Shim {
-        name: String,
-        #[arg(long)]
-        isolate: Option<bool>,
-        /// Take over the running UVM this snapshot describes.
-        #[arg(long)]
-        restore: Option<PathBuf>,
-        /// Per-stream log limit in MiB (a restore keeps the snapshot's).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
-        log_limit: Option<u64>,
-    },
+    Shim(ShimArgs),
     /// (internal) The guest agent, as `ferry-gcs`.
     #[command(hide = true)]
     Gcs(gcs::cli::Args),
 }
 
+/// The per-UVM host process's arguments (`ferry uvm start` passes them on).
+#[derive(Args, Debug, Clone)]
+pub struct ShimArgs {
+    pub name: String,
+    #[arg(long)]
+    pub isolate: Option<bool>,
+    /// Take over the running UVM this snapshot describes.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// Per-stream log limit in MiB (a restore keeps the snapshot's).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub log_limit: Option<u64>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// Start nothing: wait for a UVM migrating here (`ferry uvm receive`).
+    #[arg(long, conflicts_with = "restore")]
+    pub incoming: bool,
+    #[command(flatten)]
+    pub qemu: QemuArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum UvmCommand {
-    /// Start a UVM on the embedded default backend (the guest agent in its own namespaces).
+    /// Start a UVM: by default on the embedded backend (the guest agent in its own
+    /// namespaces, no hypervisor); `--backend qemu` boots a real VM (the image comes from
+    /// `ferry image build`, built on first use).
     Start {
         name: String,
+        /// Where the UVM runs.
+        #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+        backend: BackendKind,
+        #[command(flatten)]
+        qemu: QemuArgs,
         /// Run the agent without namespaces of its own (no root needed; no containers either).
         #[arg(long)]
         no_isolate: bool,
@@ -145,10 +167,70 @@ pub enum UvmCommand {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// Wait for a UVM to migrate here (the destination side of `ferry migrate`): a host
+    /// process serves NAME's control socket and boots QEMU when a source arrives.
+    Receive {
+        name: String,
+        #[command(flatten)]
+        qemu: QemuArgs,
+    },
     /// Start a new host process for the running UVM a snapshot describes.
     Restore { snapshot: PathBuf },
     /// Replace a UVM's host process (save, then restore) without touching its workload.
     Upgrade { name: String },
+}
+
+#[derive(Args, Debug)]
+#[command(after_long_help = "\
+DEST is another ferry host:
+  DIR                 a ferry state directory on this machine (a receiver is started there
+                      if none waits)
+  unix:PATH           the control socket of a `ferry uvm receive` (its <state>/uvms/NAME/control.sock)
+  tcp:HOST:PORT       a receiver reachable over TCP
+
+The options are those of hcsshim's migration InitializeOptions (--options-file takes that
+protobuf message as is); values out of range are refused before anything moves.")]
+pub struct MigrateArgs {
+    pub uvm: String,
+    /// The destination host (see below).
+    #[arg(long, value_name = "DEST")]
+    pub to: String,
+    /// Check the options and the destination (image, shape), move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// How memory travels: unix (one machine) or tcp.
+    #[arg(long, default_value = "unix", value_parser = ["unix", "tcp"])]
+    pub transport: String,
+    /// Throttle step, % (1-100): how hard a guest that dirties memory faster than it can be
+    /// sent is slowed down.
+    #[arg(long, value_name = "PCT")]
+    pub throttle_scale: Option<f64>,
+    /// First throttle step, % (1-99).
+    #[arg(long, value_name = "PCT")]
+    pub min_throttle: Option<u32>,
+    /// Never slow the guest down.
+    #[arg(long)]
+    pub no_throttle: bool,
+    /// Switch over after this many memory passes at most.
+    #[arg(long, value_name = "N")]
+    pub max_passes: Option<u32>,
+    /// Longest acceptable pause at the switch-over, ms (QEMU's downtime-limit).
+    #[arg(long, value_name = "MS")]
+    pub target_blackout_ms: Option<u32>,
+    /// Cancel (and resume on the source) if the pause would exceed this, ms.
+    #[arg(long, value_name = "MS")]
+    pub cancel_blackout_over_ms: Option<u32>,
+    /// Compress memory with zstd over this many parallel streams.
+    #[arg(long, value_name = "N")]
+    pub compress_workers: Option<u32>,
+    /// Cap the transfer rate, bytes per second.
+    #[arg(long, value_name = "BYTES")]
+    pub max_bandwidth: Option<u64>,
+    /// hcsshim-compatible InitializeOptions (protobuf) from a file, instead of the flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "throttle_scale", "min_throttle", "no_throttle", "max_passes", "target_blackout_ms",
+        "cancel_blackout_over_ms", "compress_workers", "max_bandwidth"])]
+    pub options_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

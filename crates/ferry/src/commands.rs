@@ -4,6 +4,7 @@ use crate::cli::{ExecArgs, ProcessArgs, RunArgs, UvmCommand};
 use crate::client;
 use crate::control::{ProcessSpec, Request, Rootfs};
 use crate::paths::{self, UvmPaths};
+use crate::shim::backend::BackendKind;
 use serde_json::Value;
 use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -14,7 +15,7 @@ use std::time::Duration;
 /// What a command ends with: an exit code for the CLI.
 pub type Outcome = Result<i32, String>;
 
-fn print_json(v: &Value) {
+pub(crate) fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -224,6 +225,8 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
     match cmd {
         UvmCommand::Start {
             name,
+            backend,
+            qemu,
             no_isolate,
             log_limit,
         } => {
@@ -231,11 +234,29 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
             if client::request(root, &name, &Request::Info).await.is_ok() {
                 return Err(format!("UVM {name:?} is already running"));
             }
-            let limit = format!("--log-limit={log_limit}");
-            let mut extra = vec![limit.as_str()];
+            let mut extra = vec![format!("--log-limit={log_limit}")];
             if no_isolate {
-                extra.push("--isolate=false");
+                extra.push("--isolate=false".into());
             }
+            if backend == BackendKind::Qemu {
+                let mut qemu = qemu;
+                let (kernel, initrd) = match (qemu.kernel.take(), qemu.initrd.take()) {
+                    (Some(k), Some(i)) => (k, i),
+                    _ => {
+                        let built = build_image(image::BuildOptions::new(
+                            root.join("images").join("uvm"),
+                            image::find_static_gcs().map_err(|e| e.to_string())?,
+                        ))
+                        .await?;
+                        (built.vmlinux, built.initramfs)
+                    }
+                };
+                qemu.kernel = Some(kernel);
+                qemu.initrd = Some(initrd);
+                extra.push("--backend=qemu".into());
+                extra.extend(qemu.shim_args());
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             let pid = spawn_shim(root, &name, &extra).await?;
             report_started(&name, pid, &UvmPaths::new(root, &name), json);
             Ok(0)
@@ -267,6 +288,9 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
                 println!("{name}");
             }
             Ok(0)
+        }
+        UvmCommand::Receive { name, qemu } => {
+            crate::migrate::receive(root, &name, &qemu, json).await
         }
         UvmCommand::Stop { name } => uvm_stop(root, &name, json).await,
         UvmCommand::Ls => uvm_ls(root, json).await,
@@ -308,7 +332,7 @@ fn report_started(name: &str, shim_pid: u32, p: &UvmPaths, json: bool) {
 }
 
 /// Starts a shim for `name` as a daemon and waits until it reports ready (or why not).
-async fn spawn_shim(root: &Path, name: &str, extra: &[&str]) -> Result<u32, String> {
+pub(crate) async fn spawn_shim(root: &Path, name: &str, extra: &[&str]) -> Result<u32, String> {
     let p = UvmPaths::new(root, name);
     std::fs::create_dir_all(&p.dir)
         .map_err(|e| format!("cannot create {}: {e}", p.dir.display()))?;
@@ -353,11 +377,12 @@ async fn spawn_shim(root: &Path, name: &str, extra: &[&str]) -> Result<u32, Stri
         let _ = std::io::BufReader::new(std::fs::File::from(ready_r)).read_line(&mut line);
         line
     });
-    let ready = tokio::time::timeout(Duration::from_secs(60), read)
+    // A QEMU UVM under software emulation takes 5-20 s to boot; this bounds only a hang.
+    let ready = tokio::time::timeout(Duration::from_secs(120), read)
         .await
         .map_err(|_| {
             format!(
-                "UVM {name:?} did not become ready within 60 s; see {}",
+                "UVM {name:?} did not become ready within 120 s; see {}",
                 p.shim_log().display()
             )
         })?
@@ -491,6 +516,15 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
 
 // -- VM images -------------------------------------------------------------------------------
 
+/// Builds the QEMU boot image (or finds it in the cache).
+async fn build_image(opts: image::BuildOptions) -> Result<image::Image, String> {
+    // Downloads, unpacking and decompression block: off the runtime's thread.
+    tokio::task::spawn_blocking(move || image::build(&opts))
+        .await
+        .map_err(|e| format!("image build: {e}"))?
+        .map_err(|e| format!("image build: {e}"))
+}
+
 pub async fn image(root: &Path, cmd: crate::cli::ImageCommand, json: bool) -> Outcome {
     let crate::cli::ImageCommand::Build {
         gcs,
@@ -510,11 +544,7 @@ pub async fn image(root: &Path, cmd: crate::cli::ImageCommand, json: bool) -> Ou
     opts.busybox = busybox;
     opts.kernel_deb = kernel_deb;
     opts.kernel_package = kernel_package;
-    // Downloads, unpacking and decompression block: off the runtime's thread.
-    let built = tokio::task::spawn_blocking(move || image::build(&opts))
-        .await
-        .map_err(|e| format!("image build: {e}"))?
-        .map_err(|e| format!("image build: {e}"))?;
+    let built = build_image(opts).await?;
     if json {
         print_json(&serde_json::to_value(&built).unwrap_or_default());
     } else {

@@ -85,6 +85,19 @@ pub enum Request {
     },
     /// Delete an exited container (with `force`, kill it first).
     Rm { container: String, force: bool },
+    /// Live-migrate the UVM to the ferry host at `to` (see [`crate::shim::migrate`]). The
+    /// reply is a stream of JSON lines: events, then a final [`Reply`].
+    Migrate {
+        to: String,
+        /// Protobuf-encoded `InitializeOptions` (empty: defaults).
+        #[serde(default)]
+        options: Vec<u8>,
+        #[serde(default)]
+        dry_run: bool,
+    },
+    /// (shim to shim) Receive a migrating UVM: sent by the source's shim to a destination
+    /// shim started with `ferry uvm receive`.
+    Incoming(crate::shim::migrate::IncomingSpec),
 }
 
 impl Request {

@@ -2,6 +2,7 @@ mod cli;
 mod client;
 mod commands;
 mod control;
+mod migrate;
 mod paths;
 mod shim;
 mod snapshot;
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     // client relaying one session: a single thread, so a relayed chunk never has to wake
     // another thread (that cross-thread wakeup dominated the CLI's cost per chunk).
     let mut builder = match cli.command {
-        Command::Shim { .. } => {
+        Command::Shim(_) => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(2);
             b
@@ -56,15 +57,9 @@ fn main() -> ExitCode {
     let json = cli.json;
     let outcome = runtime.block_on(async move {
         match cli.command {
-            Command::Shim {
-                name,
-                isolate,
-                restore,
-                log_limit,
-            } => {
+            Command::Shim(args) => {
                 init_logging("info");
-                let log_limit = log_limit.map(|mib| mib << 20);
-                Ok(shim::run(&name, root, isolate, restore, log_limit).await)
+                Ok(shim::run(args, root).await)
             }
             other => {
                 init_logging("warn");
@@ -117,6 +112,7 @@ async fn dispatch(root: &std::path::Path, command: Command, json: bool) -> comma
             container,
             force,
         } => commands::rm(root, &uvm, container, force, json).await,
-        Command::Shim { .. } | Command::Gcs(_) => unreachable!("handled in main"),
+        Command::Migrate(args) => migrate::migrate(root, args, json).await,
+        Command::Shim(_) | Command::Gcs(_) => unreachable!("handled in main"),
     }
 }

@@ -22,16 +22,33 @@ const MAGIC: &str = "FERRY-SNAPSHOT";
 /// Refuse anything larger: a snapshot of thousands of processes is a few MiB.
 const MAX_BODY: usize = 64 << 20;
 
-/// How to reach the UVM again (the local backend: its agent's pid and directory).
+/// How to reach the UVM again: its directory and the process to re-attach to (the local
+/// backend's agent, or QEMU).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UvmState {
     pub name: String,
     pub backend: String,
     pub state_dir: PathBuf,
+    /// The agent's pid (local) or QEMU's (qemu).
     pub agent_pid: u32,
+    /// The QEMU UVM's configuration (absent for the local backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<QemuState>,
     /// Bytes of each process's stdout/stderr kept on disk (absent in older snapshots).
     #[serde(default = "default_log_limit")]
     pub log_limit: u64,
+}
+
+/// What a new host process needs to know of a QEMU UVM (its sockets are in `state_dir`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QemuState {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: String,
+    pub port_name: String,
+    pub qemu: PathBuf,
 }
 
 fn default_log_limit() -> u64 {
@@ -213,6 +230,7 @@ mod tests {
                 backend: "local".into(),
                 state_dir: "/run/ferry/uvms/u".into(),
                 agent_pid: 42,
+                qemu: None,
                 log_limit: 1 << 20,
             },
             connection: ConnectionState {

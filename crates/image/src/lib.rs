@@ -53,8 +53,12 @@ pub const MODULES: &[(&str, bool)] = &[
 /// Where the modules go in the initramfs (ferry-gcs --init reads `order` there).
 pub const MODULES_DIR: &str = "lib/modules/ferry";
 
+/// The built-in busybox container image inside the guest (`ferry run --image busybox` on a
+/// QEMU UVM): part of the initramfs, so it lives in guest memory and migrates with the VM.
+pub const GUEST_BUSYBOX_ROOTFS: &str = "/images/busybox/rootfs";
+
 /// Bumped whenever the layout of the image changes, so old cache entries are not reused.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 /// Bounds on the inputs read into memory.
 const MAX_GCS: u64 = 256 << 20;
@@ -469,9 +473,20 @@ pub fn initramfs(
     a.char_device("dev/console", 0o600, 5, 1)?;
     a.char_device("dev/null", 0o666, 1, 3)?;
     a.file("init", 0o755, gcs)?;
+    // The container image gets its own copy of busybox: a container's root cannot reach
+    // files outside it.
+    let image = GUEST_BUSYBOX_ROOTFS.trim_start_matches('/');
+    for d in ["", "/bin", "/dev", "/etc", "/proc", "/root", "/sys", "/tmp"] {
+        a.dir(
+            &format!("{image}{d}"),
+            if d == "/tmp" { 0o1777 } else { 0o755 },
+        )?;
+    }
+    a.file(&format!("{image}/bin/busybox"), 0o755, busybox.clone())?;
     a.file("bin/busybox", 0o755, busybox)?;
     for name in applets {
         a.symlink(&format!("bin/{name}"), "busybox")?;
+        a.symlink(&format!("{image}/bin/{name}"), "busybox")?;
     }
     let mut order = String::new();
     for (name, data) in modules {
@@ -479,13 +494,16 @@ pub fn initramfs(
         order.push_str(&format!("{name}.ko\n"));
     }
     a.file(&format!("{MODULES_DIR}/order"), 0o644, order.into_bytes())?;
-    a.file(
-        "etc/passwd",
-        0o644,
-        b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
-    )?;
-    a.file("etc/group", 0o644, b"root:x:0:\ntty:x:5:\n".to_vec())?;
-    a.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n".to_vec())?;
+    for root in ["", &format!("{image}/")] {
+        let etc = |name: &str| format!("{root}etc/{name}");
+        a.file(
+            &etc("passwd"),
+            0o644,
+            b"root:x:0:0:root:/root:/bin/sh\n".to_vec(),
+        )?;
+        a.file(&etc("group"), 0o644, b"root:x:0:\ntty:x:5:\n".to_vec())?;
+        a.file(&etc("hosts"), 0o644, b"127.0.0.1 localhost\n".to_vec())?;
+    }
     Ok(a)
 }
 
@@ -649,6 +667,7 @@ mod tests {
             "dev/console\0",
             "bin/sh\0",
             "lib/modules/ferry/virtio_console.ko\0",
+            "images/busybox/rootfs/bin/sh\0",
         ] {
             assert!(text.contains(name), "{name}");
         }

@@ -6,16 +6,21 @@
 //! are refused by backends that cannot migrate.
 
 pub mod local;
+pub mod migration;
 pub mod qemu;
 pub mod qmp;
 
 pub use local::{LocalConfig, LocalUvm};
+pub use migration::{
+    InitializeOptions, MemoryAddress, MigrationEvent, Origin, Outcome, Phase, QemuMigrationPlan,
+};
 pub use qemu::{Accel, QemuConfig, QemuUvm};
 
 use host::GuestConnection;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Duration;
+use tokio::sync::{mpsc::UnboundedSender, watch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UvmError {
@@ -31,6 +36,15 @@ pub enum UvmError {
     Guest(#[from] host::HostError),
     #[error("QEMU (QMP): {0}")]
     Qmp(String),
+    /// Migration options or an address that cannot be used (the message names the field).
+    #[error("{0}")]
+    Options(String),
+    /// A live migration that did not complete; `outcome` says why (the events said more).
+    #[error("live migration failed ({outcome}): {message}")]
+    Migration {
+        outcome: migration::Outcome,
+        message: String,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -85,21 +99,42 @@ pub trait UtilityVm {
         ))
     }
 
-    /// Destination: start in "incoming" mode with the (protobuf-encoded) InitializeOptions.
-    async fn start_with_migration_options(&mut self, _options: &[u8]) -> Result<()> {
+    /// Destination: boots in "incoming" mode with the options (decode protobuf bytes with
+    /// [`migration::decode`]) and listens on `address`; the guest does not run yet.
+    async fn start_with_migration_options(
+        &mut self,
+        _options: &InitializeOptions,
+        _address: &MemoryAddress,
+    ) -> Result<()> {
         Err(self.migration_unsupported())
     }
-    /// Source: set up a migration with the (protobuf-encoded) InitializeOptions.
-    async fn initialize_live_migration_on_source(&mut self, _options: &[u8]) -> Result<()> {
+    /// Destination: waits until the source's state has arrived (the VM stays paused).
+    async fn wait_live_migration_incoming(
+        &mut self,
+        _events: &UnboundedSender<MigrationEvent>,
+    ) -> Result<()> {
         Err(self.migration_unsupported())
     }
-    async fn start_live_migration_on_source(&mut self) -> Result<()> {
+    /// Source: checks the options and keeps them for the transfer.
+    async fn initialize_live_migration_on_source(
+        &mut self,
+        _options: &InitializeOptions,
+    ) -> Result<()> {
         Err(self.migration_unsupported())
     }
-    async fn start_live_migration_transfer(&mut self, _timeout: Duration) -> Result<()> {
+    /// Source: transfers the UVM to the destination listening on `address`. Ok: the VM is
+    /// paused here and complete there; Err: the migration was abandoned and the source runs.
+    async fn start_live_migration_transfer(
+        &mut self,
+        _address: &MemoryAddress,
+        _events: &UnboundedSender<MigrationEvent>,
+        _cancel: watch::Receiver<bool>,
+    ) -> Result<()> {
         Err(self.migration_unsupported())
     }
-    /// Resume the UVM on this side (`resume`) or stop it.
+    /// After a completed transfer: resume the UVM on this side (`resume`) or stop it. Exactly
+    /// one side may resume: the destination normally, the source only if the destination
+    /// never ran.
     async fn finalize_live_migration(&mut self, _resume: bool) -> Result<()> {
         Err(self.migration_unsupported())
     }

@@ -21,13 +21,17 @@ use crate::qmp::Qmp;
 use crate::{Result, UtilityVm, UvmError, UvmProperties};
 use host::{ConnectionOptions, GuestConnection};
 use std::ffi::OsString;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 use transport::{Listener, MuxRole, MuxSession, Transport};
+
+/// The live-migration lifecycle (a child module: it uses this type's private state).
+mod migration;
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -163,6 +167,8 @@ pub struct QemuUvm {
     conn: Option<GuestConnection>,
     paused: bool,
     started_at: Option<SystemTime>,
+    /// Live-migration state (incoming mode, a completed transfer).
+    migration: migration::MigrationState,
 }
 
 /// QEMU's option syntax splits on commas; paths with one are refused rather than escaped
@@ -206,6 +212,7 @@ impl QemuUvm {
             conn: None,
             paused: false,
             started_at: None,
+            migration: Default::default(),
         }
     }
 
@@ -223,6 +230,15 @@ impl QemuUvm {
 
     pub fn qemu_log(&self) -> PathBuf {
         self.config.state_dir.join("qemu.log")
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator in use (the configured one until QEMU has started).
+    pub fn accel(&self) -> Accel {
+        self.accel.unwrap_or(self.config.accel)
     }
 
     /// The QMP connection (for callers that need commands this type does not wrap).
@@ -294,6 +310,11 @@ impl QemuUvm {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", d("qmp.sock")?),
         ]);
+        if self.migration.incoming {
+            // Wait for a migration stream (its address is given over QMP), and stay paused
+            // once it has loaded: the caller decides when this side runs.
+            args.extend(["-incoming", "defer", "-S"].map(String::from));
+        }
         Ok(args.into_iter().map(OsString::from).collect())
     }
 
@@ -465,13 +486,31 @@ impl QemuUvm {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<GuestConnection> {
+        let transport = self.open_channel(deadline).await?;
+        self.accept_guest(transport, timeout, |_| {}).await
+    }
+
+    /// Connects the host's end of the virtio-serial port and starts a new multiplexer session
+    /// on it (client role). The guest sees a new session: callers may listen on ports of the
+    /// returned transport (a restore's stdio ports) before [`accept_guest`](Self::accept_guest).
+    pub async fn open_channel(&mut self, deadline: Instant) -> Result<Transport> {
         let agent = self.connect_socket(&self.agent_socket(), deadline).await?;
         let dup = agent
             .as_fd()
             .try_clone_to_owned()
             .map_err(|e| UvmError::io("duplicate the agent socket", e))?;
         self.channel = Some(std::os::unix::net::UnixStream::from(dup));
-        let transport = Transport::mux(MuxSession::new(agent, MuxRole::Client));
+        Ok(Transport::mux(MuxSession::new(agent, MuxRole::Client)))
+    }
+
+    /// Accepts the agent's bridge connection on `transport` and negotiates; `prepare` runs on
+    /// the connection before negotiation (see [`GuestConnection::connect_prepared`]).
+    pub async fn accept_guest(
+        &mut self,
+        transport: Transport,
+        timeout: Duration,
+        prepare: impl FnOnce(&GuestConnection),
+    ) -> Result<GuestConnection> {
         let mut bridge = transport
             .listen(bridge::BRIDGE_PORT)
             .await
@@ -491,8 +530,13 @@ impl QemuUvm {
                 "QEMU exited ({status}){}", self.failure_context()
             ))),
         };
-        let conn =
-            GuestConnection::connect(transport, stream, self.config.connection.clone()).await?;
+        let conn = GuestConnection::connect_prepared(
+            transport,
+            stream,
+            self.config.connection.clone(),
+            prepare,
+        )
+        .await?;
         // A crash ends the connection with the reason, so every waiter hears of it.
         if let Some(exit) = self.exit.clone() {
             let watched = conn.clone();
@@ -504,6 +548,38 @@ impl QemuUvm {
         self.bridge = Some(bridge);
         self.conn = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// Takes over a QEMU another host process started (a restore, an upgrade): checks that
+    /// `pid` is the QEMU of this UVM, connects to its QMP socket and watches for its exit.
+    /// The guest connection comes next, with [`open_channel`](Self::open_channel) and
+    /// [`accept_guest`](Self::accept_guest).
+    pub async fn adopt(config: QemuConfig, pid: u32) -> Result<QemuUvm> {
+        let mut uvm = QemuUvm::new(config);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cmdline.is_empty() {
+            return Err(UvmError::Start(format!(
+                "the UVM's QEMU (pid {pid}) is gone: the UVM no longer exists"
+            )));
+        }
+        let qmp = format!("unix:{},server=on,wait=off", plain(&uvm.qmp_socket())?);
+        if !cmdline.split(|&b| b == 0).any(|a| a == qmp.as_bytes()) {
+            return Err(UvmError::Start(format!(
+                "pid {pid} is not the QEMU of this UVM (it does not serve {}): wrong snapshot, or the pid was reused",
+                uvm.qmp_socket().display()
+            )));
+        }
+        uvm.exit = Some(watch_pid(pid)?);
+        uvm.pid = Some(pid);
+        let deadline = Instant::now() + SOCKETS_TIMEOUT;
+        let stream = uvm.connect_socket(&uvm.qmp_socket(), deadline).await?;
+        let mut qmp = Qmp::handshake(stream).await?;
+        let status = qmp.execute("query-status", None).await?;
+        uvm.paused = status["running"] == false;
+        uvm.qmp = Some(qmp);
+        uvm.accel = Some(uvm.config.accel);
+        uvm.started_at = Some(SystemTime::now());
+        Ok(uvm)
     }
 
     /// Cuts the host's end of the channel and connects again, as a host does after a
@@ -524,6 +600,15 @@ impl QemuUvm {
             .await?;
         tracing::info!(name = %self.config.name, elapsed = ?t.elapsed(), "reconnected to the guest agent");
         Ok(conn)
+    }
+
+    /// Lets go of the guest for another host process (a save, an upgrade): cuts the channel
+    /// and waits until the guest has noticed, so that the next host's session cannot be
+    /// mistaken for the continuation of this one. The VM keeps running.
+    pub async fn release_channel(&mut self) {
+        let cut = SystemTime::now();
+        self.disconnect("the UVM is handed to another host process");
+        self.wait_guest_closed_port(cut).await;
     }
 
     /// Waits until the guest has closed its end of the port after `since`. A host that
@@ -570,10 +655,37 @@ impl QemuUvm {
         self.disconnect("the utility VM stopped");
         self.qmp = None;
         self.paused = false;
+        self.migration = Default::default();
         for sock in [self.agent_socket(), self.qmp_socket()] {
             let _ = std::fs::remove_file(sock);
         }
     }
+}
+
+/// Watches a process that is not our child (so cannot be waited for) through a pidfd, which
+/// becomes readable when the process exits.
+fn watch_pid(pid: u32) -> Result<watch::Receiver<Option<String>>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(UvmError::io(
+            format!("watch QEMU (pid {pid})"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the descriptor was just created and is owned by nothing else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: an OwnedFd keeps returning the same open descriptor until it is dropped with
+    // the AsyncFd.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, Interest::READABLE) }
+        .map_err(|e| UvmError::io("watch QEMU", e.into()))?;
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let _ = fd.readable().await;
+        tracing::info!(pid, "QEMU exited");
+        tx.send_replace(Some("exited (not our child: status unknown)".to_owned()));
+    });
+    Ok(rx)
 }
 
 async fn wait_exit(mut rx: watch::Receiver<Option<String>>) -> String {
@@ -586,6 +698,48 @@ async fn wait_exit(mut rx: watch::Receiver<Option<String>>) -> String {
 impl UtilityVm for QemuUvm {
     fn backend_name(&self) -> &'static str {
         "qemu"
+    }
+
+    async fn start_with_migration_options(
+        &mut self,
+        options: &crate::InitializeOptions,
+        address: &crate::MemoryAddress,
+    ) -> Result<()> {
+        let plan = crate::QemuMigrationPlan::from_options(options)?;
+        self.start_incoming(&plan, address).await
+    }
+
+    async fn wait_live_migration_incoming(
+        &mut self,
+        events: &tokio::sync::mpsc::UnboundedSender<crate::MigrationEvent>,
+    ) -> Result<()> {
+        self.wait_incoming(events).await
+    }
+
+    async fn initialize_live_migration_on_source(
+        &mut self,
+        options: &crate::InitializeOptions,
+    ) -> Result<()> {
+        self.migration.plan = Some(crate::QemuMigrationPlan::from_options(options)?);
+        Ok(())
+    }
+
+    async fn start_live_migration_transfer(
+        &mut self,
+        address: &crate::MemoryAddress,
+        events: &tokio::sync::mpsc::UnboundedSender<crate::MigrationEvent>,
+        cancel: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let plan = self.migration.plan.clone().ok_or_else(|| {
+            UvmError::NotSupported(
+                "initialize the live migration on the source before the transfer".into(),
+            )
+        })?;
+        self.migrate_out(&plan, address, events, cancel).await
+    }
+
+    async fn finalize_live_migration(&mut self, resume: bool) -> Result<()> {
+        self.finalize(resume).await
     }
 
     async fn start(&mut self) -> Result<GuestConnection> {
@@ -611,6 +765,11 @@ impl UtilityVm for QemuUvm {
         if !self.is_running() {
             self.forget();
             return Err(UvmError::NotRunning);
+        }
+        if self.migration.must_not_run() {
+            // A shutdown request needs the guest running, and this side must not run it.
+            self.quit("the utility VM stopped").await;
+            return Ok(());
         }
         if self.paused
             && let Some(q) = self.qmp.as_mut()
@@ -655,6 +814,7 @@ impl UtilityVm for QemuUvm {
         if !self.is_running() {
             return Err(UvmError::NotRunning);
         }
+        self.migration.check_may_run()?;
         let q = self.qmp.as_mut().ok_or(UvmError::NotRunning)?;
         q.execute("cont", None).await?;
         self.paused = false;

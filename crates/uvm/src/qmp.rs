@@ -118,6 +118,12 @@ impl Qmp {
         self.events.drain(..).collect()
     }
 
+    /// Takes the first event received so far that `matches` accepts; other events are kept.
+    pub fn take_event(&mut self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        let i = self.events.iter().position(matches)?;
+        self.events.remove(i)
+    }
+
     /// Waits for an event `matches` accepts (one already received counts, and is taken);
     /// other events are kept.
     pub async fn wait_event(

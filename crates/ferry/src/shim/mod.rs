@@ -1,14 +1,18 @@
 //! The per-UVM host process ("the shim"): owns the UVM, the guest connection and the relays,
 //! and serves the control socket the CLI talks to.
 
+pub mod backend;
+pub mod migrate;
 mod ops;
 pub mod output;
 mod restore;
 pub mod state;
 mod stream;
 
+use crate::cli::ShimArgs;
 use crate::control::{self, Reply, Request};
 use crate::paths::UvmPaths;
+use backend::{Backend, BackendKind};
 use host::GuestConnection;
 use state::ContainerRec;
 use std::collections::{BTreeMap, HashSet};
@@ -20,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::BufReader;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use uvm::{LocalConfig, LocalUvm, UtilityVm};
+use uvm::{LocalConfig, LocalUvm, QemuUvm, UtilityVm};
 
 /// The file descriptor on which `ferry uvm start` waits for "ok" or an error.
 pub const READY_FD: i32 = 3;
@@ -30,7 +34,9 @@ pub struct Shim {
     pub root: PathBuf,
     pub paths: UvmPaths,
     pub conn: GuestConnection,
-    pub uvm: tokio::sync::Mutex<LocalUvm>,
+    pub uvm: tokio::sync::Mutex<Backend>,
+    /// Which backend `uvm` is (fixed for the shim's life; readable without the lock).
+    pub kind: BackendKind,
     pub containers: Mutex<BTreeMap<String, ContainerRec>>,
     /// Container ids being created right now (so two runs cannot race for one id).
     pub creating: Mutex<HashSet<String>>,
@@ -45,27 +51,27 @@ pub struct Shim {
     pub log_limit: u64,
 }
 
-fn report_ready(message: &str) {
+/// Tells `ferry uvm start` how the start went, once: the pipe is closed after the first
+/// report, and its descriptor number may then belong to something else.
+pub(crate) fn report_ready(message: &str) {
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if REPORTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
     // SAFETY: fd 3 was set up by `ferry uvm start`; when absent the write fails harmlessly.
     let mut f = unsafe { std::fs::File::from_raw_fd(READY_FD) };
     let _ = writeln!(f, "{message}");
 }
 
-/// Runs the shim until the UVM stops (or is handed to another shim). With `restore`, takes
+/// Runs the shim until the UVM stops (or is handed to another shim). With `--restore`, takes
 /// over the running UVM a snapshot describes instead of starting one.
-pub async fn run(
-    name: &str,
-    root: PathBuf,
-    isolate: Option<bool>,
-    restore: Option<PathBuf>,
-    log_limit: Option<u64>,
-) -> i32 {
+pub async fn run(args: ShimArgs, root: PathBuf) -> i32 {
     // Only the shim may hold the readiness pipe: the agent it starts must not inherit it, or
     // `ferry uvm start` would wait for the agent to exit.
     // SAFETY: F_SETFD on a descriptor number; harmless if fd 3 is not open.
     unsafe { libc::fcntl(READY_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let paths = UvmPaths::new(&root, name);
-    let result = serve(name, root, paths.clone(), isolate, restore, log_limit).await;
+    let paths = UvmPaths::new(&root, &args.name);
+    let result = serve(args, root, paths.clone()).await;
     let _ = std::fs::remove_file(paths.control());
     match result {
         Ok(()) => 0,
@@ -77,47 +83,78 @@ pub async fn run(
     }
 }
 
-async fn serve(
-    name: &str,
-    root: PathBuf,
-    paths: UvmPaths,
-    isolate: Option<bool>,
-    restore: Option<PathBuf>,
-    log_limit: Option<u64>,
-) -> Result<(), String> {
-    std::fs::create_dir_all(&paths.dir)
-        .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
-    let _ = std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700));
+/// Starts the UVM the arguments describe.
+async fn start(args: &ShimArgs, paths: &UvmPaths) -> Result<(Backend, GuestConnection), String> {
+    match args.backend {
+        BackendKind::Local => {
+            let mut uvm = LocalUvm::new(local_config(args, paths)?);
+            let conn = uvm.start().await.map_err(|e| e.to_string())?;
+            Ok((Backend::Local(Box::new(uvm)), conn))
+        }
+        BackendKind::Qemu => {
+            let (Some(kernel), Some(initrd)) = (&args.qemu.kernel, &args.qemu.initrd) else {
+                return Err("the qemu backend needs --kernel and --initrd".into());
+            };
+            let config = args.qemu.config(
+                &args.name,
+                paths.dir.clone(),
+                kernel.clone(),
+                initrd.clone(),
+            );
+            let mut uvm = QemuUvm::new(config);
+            let conn = uvm.start().await.map_err(|e| e.to_string())?;
+            Ok((Backend::Qemu(Box::new(uvm)), conn))
+        }
+    }
+}
+
+pub fn local_config(args: &ShimArgs, paths: &UvmPaths) -> Result<LocalConfig, String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?;
-    let mut config = LocalConfig::new(name, paths.dir.clone(), exe, vec!["gcs".into()]);
-    if let Some(i) = isolate {
+    let mut config = LocalConfig::new(&args.name, paths.dir.clone(), exe, vec!["gcs".into()]);
+    if let Some(i) = args.isolate {
         config.isolate = i;
     }
     if let Ok(level) = std::env::var("FERRY_GCS_LOG") {
         config.gcs_log_level = level;
     }
-    let (uvm, conn, containers, saved_limit) = match restore {
-        None => {
-            let mut uvm = LocalUvm::new(config);
-            let conn = uvm.start().await.map_err(|e| e.to_string())?;
-            (uvm, conn, BTreeMap::new(), None)
-        }
-        Some(path) => {
-            let (uvm, conn, containers, limit) = restore::reattach(config, &path).await?;
-            (uvm, conn, containers, Some(limit))
-        }
-    };
-    let log_limit = log_limit
-        .or(saved_limit)
-        .unwrap_or(output::DEFAULT_LOG_LIMIT);
+    Ok(config)
+}
 
+async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), String> {
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
+    let _ = std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700));
+    let name = args.name.as_str();
+    // Bound first: a destination waiting for a migration is reached through it.
     let control = paths.control();
     let _ = std::fs::remove_file(&control);
     let listener =
         UnixListener::bind(&control).map_err(|e| format!("bind {}: {e}", control.display()))?;
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", control.display()))?;
+    let (uvm, conn, containers, saved_limit) = match &args.restore {
+        None if args.incoming => match migrate::receive(&args, &paths, &root, &listener).await? {
+            Some((uvm, conn, containers, limit)) => (uvm, conn, containers, Some(limit)),
+            None => return Ok(()),
+        },
+        None => {
+            let (uvm, conn) = start(&args, &paths).await?;
+            (uvm, conn, BTreeMap::new(), None)
+        }
+        Some(path) => {
+            let (uvm, conn, containers, limit) = restore::reattach(&args, &paths, path).await?;
+            (uvm, conn, containers, Some(limit))
+        }
+    };
+    let kind = match uvm {
+        Backend::Local(_) => BackendKind::Local,
+        Backend::Qemu(_) => BackendKind::Qemu,
+    };
+    let log_limit = args.log_limit.map(|mib| mib << 20);
+    let log_limit = log_limit
+        .or(saved_limit)
+        .unwrap_or(output::DEFAULT_LOG_LIMIT);
 
     let shim = Arc::new(Shim {
         name: name.to_string(),
@@ -125,6 +162,7 @@ async fn serve(
         paths,
         conn,
         uvm: tokio::sync::Mutex::new(uvm),
+        kind,
         containers: Mutex::new(containers),
         creating: Mutex::new(HashSet::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),

@@ -1,6 +1,7 @@
 //! One function per control request.
 
 use super::Shim;
+use super::backend::{Backend, BackendKind};
 use super::state::{ContainerRec, Logs, ProcRec};
 use super::stream::{self, StreamPlan};
 use crate::control::{self, ProcessSpec, Reply, Request, Rootfs};
@@ -13,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::BufReader;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use uvm::UtilityVm;
 
 type Outcome = Result<(serde_json::Value, Option<StreamPlan>), String>;
 
@@ -36,7 +36,24 @@ pub async fn dispatch(
         .await;
         return;
     }
+    let request = match request {
+        Request::Migrate {
+            to,
+            options,
+            dry_run,
+        } => return super::migrate::source(shim, to, options, dry_run, r, w).await,
+        Request::Incoming(_) => {
+            let e = format!(
+                "UVM {:?} is running here; it cannot receive another",
+                shim.name
+            );
+            let _ = control::write_line(&mut w, &Reply::error(e)).await;
+            return;
+        }
+        other => other,
+    };
     let outcome = match request {
+        Request::Migrate { .. } | Request::Incoming(_) => unreachable!("handled above"),
         Request::Info => info(&shim).await,
         Request::Stop => stop(&shim).await,
         Request::Save { to } => save(&shim, to).await,
@@ -155,6 +172,11 @@ async fn save(shim: &Shim, to: Option<String>) -> Outcome {
             .unwrap_or_else(|| shim.paths.dir.join("snapshot"));
         crate::snapshot::write(&path, &snap).map_err(|e| e.to_string())?;
         tracing::info!(path = %path.display(), "snapshot written; handing the UVM over");
+        if let Backend::Qemu(u) = &mut *shim.uvm.lock().await {
+            // Output the guest sends meanwhile is still logged: the next host resumes each
+            // stream from its log, not from the snapshot.
+            u.release_channel().await;
+        }
         Ok((
             json!({"snapshot": path, "uvm": shim.name, "agent_pid": snap.uvm.agent_pid}),
             None,
@@ -202,6 +224,20 @@ impl Drop for Claim<'_> {
 }
 
 fn resolve_rootfs(shim: &Shim, rootfs: &Rootfs) -> Result<PathBuf, String> {
+    if shim.kind == BackendKind::Qemu {
+        // The container runs inside the VM: its root is a directory there, and the built-in
+        // image is part of the guest's initramfs (it migrates with the guest's memory).
+        return match rootfs {
+            Rootfs::Dir(d) if d.starts_with('/') => Ok(PathBuf::from(d)),
+            Rootfs::Dir(d) => Err(format!(
+                "rootfs {d}: on a qemu UVM --rootfs names an absolute directory inside the guest"
+            )),
+            Rootfs::Image(i) if i == "busybox" => Ok(PathBuf::from(image::GUEST_BUSYBOX_ROOTFS)),
+            Rootfs::Image(i) => Err(format!(
+                "unknown image {i:?}: the built-in image is \"busybox\""
+            )),
+        };
+    }
     match rootfs {
         Rootfs::Dir(d) => {
             let p = PathBuf::from(d);

@@ -5,8 +5,11 @@
 //! hold); probe each process once in case it exited while nobody was connected.
 
 use super::Shim;
+use super::backend::{self, Backend};
 use super::output;
 use super::state::{ContainerRec, Logs, ProcRec};
+use crate::cli::ShimArgs;
+use crate::paths::UvmPaths;
 use crate::snapshot::{self, ContainerState, ProcessState, Snapshot, UvmState};
 use bridge::Rpc;
 use bridge::message::Response;
@@ -16,7 +19,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
-use uvm::{LocalConfig, LocalUvm};
+use transport::Transport;
+use uvm::{LocalConfig, LocalUvm, QemuUvm};
 
 fn secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -24,14 +28,36 @@ fn secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// What a snapshot records of the UVM itself.
+pub struct UvmFacts {
+    pid: u32,
+    backend: &'static str,
+    qemu: Option<snapshot::QemuState>,
+}
+
+impl UvmFacts {
+    pub fn of(uvm: &Backend) -> Result<UvmFacts, String> {
+        Ok(UvmFacts {
+            pid: uvm.pid().ok_or("the UVM is not running; nothing to save")?,
+            backend: uvm.name(),
+            qemu: uvm.qemu_state(),
+        })
+    }
+}
+
 /// The shim's state as a snapshot.
 pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
-    let agent_pid = shim
-        .uvm
-        .lock()
-        .await
-        .agent_pid()
-        .ok_or("the UVM is not running; nothing to save")?;
+    let facts = UvmFacts::of(&*shim.uvm.lock().await)?;
+    Ok(snapshot_with(shim, facts))
+}
+
+/// The shim's state as a snapshot, for a caller that holds the UVM's lock.
+pub fn snapshot_with(shim: &Shim, facts: UvmFacts) -> Snapshot {
+    let UvmFacts {
+        pid: agent_pid,
+        backend,
+        qemu,
+    } = facts;
     let containers = shim.containers.lock().unwrap_or_else(|p| p.into_inner());
     let containers = containers
         .values()
@@ -56,19 +82,20 @@ pub async fn snapshot(shim: &Shim) -> Result<Snapshot, String> {
                 .collect(),
         })
         .collect();
-    Ok(Snapshot {
+    Snapshot {
         uvm: UvmState {
             name: shim.name.clone(),
-            backend: "local".into(),
+            backend: backend.into(),
             state_dir: shim.paths.dir.clone(),
             agent_pid,
+            qemu,
             log_limit: shim.log_limit,
         },
         connection: shim.conn.state(),
         containers,
         saved_at: secs(SystemTime::now()),
         saved_by_pid: std::process::id(),
-    })
+    }
 }
 
 /// Refreshes `<uvm dir>/snapshot`, so that a shim killed at any moment can be replaced from
@@ -104,12 +131,20 @@ fn floors_after(saved: host::ConnectionState) -> host::ConnectionState {
     }
 }
 
+/// The UVM a snapshot describes, found again but not yet connected: the local backend's
+/// transport needs no connection; a QEMU UVM's is a new multiplexer session on its channel.
+pub enum Found {
+    Local(LocalConfig, Transport),
+    Qemu(Box<QemuUvm>, Transport),
+}
+
 pub async fn reattach(
-    mut config: LocalConfig,
+    args: &ShimArgs,
+    paths: &UvmPaths,
     path: &Path,
 ) -> Result<
     (
-        LocalUvm,
+        Backend,
         GuestConnection,
         BTreeMap<String, ContainerRec>,
         u64,
@@ -117,28 +152,65 @@ pub async fn reattach(
     String,
 > {
     let snap = snapshot::read(path).map_err(|e| e.to_string())?;
-    if snap.uvm.name != config.name {
+    if snap.uvm.name != args.name {
         return Err(format!(
             "{} describes UVM {:?}, not {:?}",
             path.display(),
             snap.uvm.name,
-            config.name
-        ));
-    }
-    if snap.uvm.backend != "local" {
-        return Err(format!(
-            "{}: backend {:?} cannot be restored here",
-            path.display(),
-            snap.uvm.backend
+            args.name
         ));
     }
     tracing::info!(from = %path.display(), containers = snap.containers.len(), "restoring");
-    config.state_dir = snap.uvm.state_dir.clone();
-    config.connect_timeout = Duration::from_secs(15);
+    let found = match (snap.uvm.backend.as_str(), &snap.uvm.qemu) {
+        ("local", _) => {
+            let mut config = super::local_config(args, paths)?;
+            config.state_dir = snap.uvm.state_dir.clone();
+            config.connect_timeout = Duration::from_secs(15);
+            let transport = config.host_transport();
+            Found::Local(config, transport)
+        }
+        ("qemu", Some(q)) => {
+            let config = backend::qemu_config(&snap.uvm.name, snap.uvm.state_dir.clone(), q);
+            let mut uvm = QemuUvm::adopt(config, snap.uvm.agent_pid)
+                .await
+                .map_err(|e| e.to_string())?;
+            let transport = uvm
+                .open_channel(std::time::Instant::now() + Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())?;
+            Found::Qemu(Box::new(uvm), transport)
+        }
+        (other, _) => {
+            return Err(format!(
+                "{}: backend {other:?} cannot be restored here",
+                path.display()
+            ));
+        }
+    };
+    reattach_snapshot(snap, found).await
+}
+
+/// Takes over the UVM `snap` describes, found again (a restore, or a migration's destination).
+pub async fn reattach_snapshot(
+    snap: Snapshot,
+    found: Found,
+) -> Result<
+    (
+        Backend,
+        GuestConnection,
+        BTreeMap<String, ContainerRec>,
+        u64,
+    ),
+    String,
+> {
+    let path = snap.uvm.state_dir.join("snapshot");
+    let path = path.as_path();
+    let transport = match &found {
+        Found::Local(_, t) | Found::Qemu(_, t) => t.clone(),
+    };
     // Before the agent is back: listen on every live process's stdio ports, so that its
     // streams resume the moment it re-dials them (it does so as soon as a host negotiates).
     let logs = snap.uvm.state_dir.join("logs");
-    let transport = config.host_transport();
     let mut listening = tokio::task::JoinSet::new();
     for c in &snap.containers {
         // One task per container: the binds and log-header reads of thousands of streams
@@ -180,7 +252,7 @@ pub async fn reattach(
     let mut opened: Vec<Container> = Vec::new();
     let mut adopted: Adopted = HashMap::new();
     let mut problems: Vec<String> = Vec::new();
-    let (uvm, conn) = LocalUvm::reattach(config, snap.uvm.agent_pid, |conn| {
+    let prepare = |conn: &GuestConnection| {
         for c in &snap.containers {
             opened.push(Container::open(conn, &c.id));
             for p in c.processes.iter().filter(|p| p.exit_code.is_none()) {
@@ -192,9 +264,22 @@ pub async fn reattach(
                 }
             }
         }
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    };
+    let (uvm, conn) = match found {
+        Found::Local(config, _) => {
+            let (uvm, conn) = LocalUvm::reattach(config, snap.uvm.agent_pid, prepare)
+                .await
+                .map_err(|e| e.to_string())?;
+            (Backend::Local(Box::new(uvm)), conn)
+        }
+        Found::Qemu(mut uvm, transport) => {
+            let conn = uvm
+                .accept_guest(transport, Duration::from_secs(15), prepare)
+                .await
+                .map_err(|e| e.to_string())?;
+            (Backend::Qemu(uvm), conn)
+        }
+    };
     for p in problems {
         tracing::warn!("adopting a wait failed: {p}");
     }

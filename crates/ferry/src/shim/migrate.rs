@@ -1,0 +1,643 @@
+//! Live migration of a QEMU UVM from this shim to another ferry host, with the host state
+//! moving along.
+//!
+//! Two shims talk over the destination's control socket (Unix, or TCP between machines):
+//!
+//! ```text
+//! source shim                                   destination shim (`ferry uvm receive`)
+//!   Incoming{name, shape, image, options} ──▶  checks; QEMU -incoming; listens for memory
+//!                                         ◀──  Reply{memory: unix:… | tcp:…}
+//!   QEMU ══ memory, device state (QEMU to QEMU, many passes) ══▶ QEMU (paused when done)
+//!   State{snapshot, logs} + log bytes     ──▶  writes logs and snapshot; `cont`; reconnects
+//!                                              to the guest and restores (as a host upgrade)
+//!                                         ◀──  Reply{restored}
+//!   quits its QEMU, exits
+//! ```
+//!
+//! Exactly one side runs the guest: the destination resumes only after its QEMU has the
+//! whole state, which the source sends only once its own VM has stopped for good; the source
+//! resumes only when the destination says it failed before resuming. If the destination
+//! cannot be heard after the state was sent, the source stays paused and says so.
+
+use super::Shim;
+use super::backend::{Backend, BackendKind};
+use super::output;
+use super::restore;
+use super::state::ContainerRec;
+use crate::cli::ShimArgs;
+use crate::control::{self, MAX_LINE, Reply, Request};
+use crate::paths::UvmPaths;
+use crate::snapshot::{self, Snapshot};
+use host::GuestConnection;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use uvm::{MemoryAddress, MigrationEvent, QemuMigrationPlan, QemuUvm, UtilityVm};
+
+/// How long the destination may take from receiving the state to running the guest again.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a destination may take to boot its QEMU in incoming mode and answer.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the source asks of the destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncomingSpec {
+    pub name: String,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// The boot image's cache key (the directory `ferry image build` put it in): both sides
+    /// must boot the same bytes.
+    pub image: String,
+    /// Protobuf-encoded `InitializeOptions`.
+    pub options: Vec<u8>,
+    /// Where the source's image is: used when this host has no image under that key but
+    /// can read the same files (both hosts on one machine).
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Check compatibility only.
+    pub dry_run: bool,
+    pub log_limit: u64,
+}
+
+/// The host state that follows the memory: the snapshot, then each log's bytes in order.
+#[derive(Debug, Serialize, Deserialize)]
+struct StateHeader {
+    snapshot: Snapshot,
+    logs: Vec<LogBlob>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LogBlob {
+    container: String,
+    pid: u32,
+    stream: String,
+    len: u64,
+}
+
+type Stream = Pin<Box<dyn AsyncReadWrite>>;
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+
+/// A destination endpoint: `unix:/path/control.sock` or `tcp:HOST:PORT`.
+async fn dial(endpoint: &str) -> Result<Stream, String> {
+    let connect = async {
+        if let Some(path) = endpoint.strip_prefix("unix:") {
+            let s: Stream = Box::pin(tokio::net::UnixStream::connect(path).await?);
+            Ok(s)
+        } else if let Some(addr) = endpoint.strip_prefix("tcp:") {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let s: Stream = Box::pin(tcp);
+            Ok(s)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "expected unix:/PATH or tcp:HOST:PORT",
+            ))
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| format!("destination {endpoint}: no answer within 10 s"))?
+        .map_err(|e| format!("destination {endpoint}: {e} (is `ferry uvm receive` running there?)"))
+}
+
+/// The image key of a kernel path `<cache>/<key>/vmlinux`.
+fn image_key(kernel: &Path) -> String {
+    kernel
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+// -- source ----------------------------------------------------------------------------------
+
+/// Serves a `Migrate` request: drives the migration and streams events to the client as JSON
+/// lines (`{"event": …}`), then one final [`Reply`].
+pub async fn source<R, W>(
+    shim: Arc<Shim>,
+    to: String,
+    options: Vec<u8>,
+    dry_run: bool,
+    mut client_r: R,
+    mut client_w: W,
+) where
+    R: AsyncBufRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut rx) = mpsc::unbounded_channel::<MigrationEvent>();
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    // The client going away (Ctrl-C) or sending "cancel" cancels before the switch-over.
+    let watcher = tokio::spawn(async move {
+        let _ = client_r.read(&mut [0u8; 64]).await;
+        cancel_tx.send_replace(true);
+    });
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut done_rx = done_rx;
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => {
+                        if control::write_line(&mut client_w, &json!({"event": ev})).await.is_err() {
+                            // Keep draining: the migration goes on without a listener.
+                        }
+                    }
+                    None => break,
+                },
+                reply = &mut done_rx => {
+                    while let Ok(ev) = rx.try_recv() {
+                        let _ = control::write_line(&mut client_w, &json!({"event": ev})).await;
+                    }
+                    if let Ok(reply) = reply {
+                        let _ = control::write_line(&mut client_w, &reply).await;
+                    }
+                    return;
+                }
+            }
+        }
+        if let Ok(reply) = done_rx.await {
+            let _ = control::write_line(&mut client_w, &reply).await;
+        }
+    });
+    let result = migrate_out(&shim, &to, &options, dry_run, &tx, cancel_rx).await;
+    let reply = match result {
+        Ok(data) => Reply::ok(data),
+        Err(e) => {
+            tracing::warn!(error = %e, "migration failed");
+            Reply::error(e)
+        }
+    };
+    let finished = reply.ok && !dry_run;
+    let _ = done_tx.send(reply);
+    drop(tx);
+    let _ = writer.await;
+    watcher.abort();
+    if finished {
+        shim.stop.send_replace(true);
+    }
+}
+
+async fn migrate_out(
+    shim: &Arc<Shim>,
+    to: &str,
+    options: &[u8],
+    dry_run: bool,
+    events: &mpsc::UnboundedSender<MigrationEvent>,
+    cancel: watch::Receiver<bool>,
+) -> Result<serde_json::Value, String> {
+    if shim.kind != BackendKind::Qemu {
+        return Err(format!(
+            "UVM {:?} runs on the {} backend, which cannot migrate (start it with --backend qemu)",
+            shim.name,
+            shim.uvm.lock().await.name()
+        ));
+    }
+    let plan = QemuMigrationPlan::from_bytes(options).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let spec = {
+        let uvm = shim.uvm.lock().await;
+        let Backend::Qemu(q) = &*uvm else {
+            unreachable!("checked above")
+        };
+        let c = q.config();
+        IncomingSpec {
+            name: shim.name.clone(),
+            memory_mib: c.memory_mib,
+            cpus: c.cpus,
+            image: image_key(&c.kernel),
+            kernel: c.kernel.clone(),
+            initrd: c.initrd.clone(),
+            options: options.to_vec(),
+            dry_run,
+            log_limit: shim.log_limit,
+        }
+    };
+    let dest = dial(to).await?;
+    let (dr, mut dw) = tokio::io::split(dest);
+    let mut dr = BufReader::new(dr);
+    control::write_line(&mut dw, &Request::Incoming(spec))
+        .await
+        .map_err(|e| format!("destination {to}: {e}"))?;
+    let reply: Reply = tokio::time::timeout(PREPARE_TIMEOUT, control::read_line(&mut dr))
+        .await
+        .map_err(|_| format!("destination {to} did not get ready within {PREPARE_TIMEOUT:?}"))?
+        .map_err(|e| format!("destination {to}: {e}"))?;
+    if !reply.ok {
+        return Err(format!(
+            "destination {to} refused: {}",
+            reply.error.unwrap_or_default()
+        ));
+    }
+    if dry_run {
+        return Ok(json!({"dry_run": true, "compatible": true, "destination": reply.data}));
+    }
+    let address: MemoryAddress = reply.data["memory"]
+        .as_str()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e| format!("destination {to} gave a bad memory address: {e}"))?;
+
+    // The transfer. Requests keep being served meanwhile (the guest runs), except those that
+    // need the VM itself, which wait.
+    let mut uvm = shim.uvm.lock().await;
+    let facts = restore::UvmFacts::of(&uvm)?;
+    let Backend::Qemu(q) = &mut *uvm else {
+        unreachable!("checked above")
+    };
+    q.migrate_out(&plan, &address, events, cancel)
+        .await
+        .map_err(|e| e.to_string())?;
+    // The VM is stopped here for good unless the destination fails before resuming.
+    shim.stopping.store(true, Ordering::SeqCst);
+    let transfer = started.elapsed();
+    let sent = send_state(shim, facts, &mut dw).await;
+    let answer = match sent {
+        Ok(()) => tokio::time::timeout(RESUME_TIMEOUT, control::read_line::<_, Reply>(&mut dr))
+            .await
+            .map_err(|_| format!("no answer within {RESUME_TIMEOUT:?}"))
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(r) if r.ok => {
+            shim.conn.close("the UVM migrated to another host");
+            if let Err(e) = q.finalize_source(false).await {
+                tracing::warn!(error = %e, "quitting the source QEMU");
+            }
+            retire(&shim.paths, to);
+            tracing::info!(to, ?transfer, "migrated");
+            Ok(json!({
+                "migrated": shim.name,
+                "to": to,
+                "total_ms": started.elapsed().as_millis() as u64,
+                "destination": r.data,
+            }))
+        }
+        Ok(r) => {
+            // The destination failed before running the guest: it runs here again.
+            let why = r.error.unwrap_or_default();
+            shim.stopping.store(false, Ordering::SeqCst);
+            q.finalize_source(true).await.map_err(|e| {
+                format!("the destination failed ({why}) and the source could not resume: {e}")
+            })?;
+            Err(format!(
+                "the destination failed before resuming the UVM ({why}); it runs here again"
+            ))
+        }
+        Err(e) => Err(format!(
+            "lost the destination after sending it the UVM's state ({e}): whether it resumed \
+             the UVM is unknown, so the source stays paused. Check the destination \
+             (`ferry uvm inspect {}` there); if it does not run the UVM, resume here with \
+             `ferry uvm resume {}`",
+            shim.name, shim.name
+        )),
+    }
+}
+
+/// Marks a source directory whose UVM left: the snapshot no longer describes anything that
+/// runs here (a restore from it must not be attempted).
+fn retire(paths: &UvmPaths, to: &str) {
+    let snap = paths.dir.join("snapshot");
+    let _ = std::fs::rename(&snap, paths.dir.join("snapshot.migrated"));
+    let _ = std::fs::write(paths.dir.join("migrated"), format!("{to}\n"));
+}
+
+/// Sends the snapshot and every log. The guest is stopped, so the logs no longer grow
+/// (output still in flight lands past each log's recorded header, which is what counts).
+async fn send_state<W: AsyncWrite + Unpin>(
+    shim: &Shim,
+    facts: restore::UvmFacts,
+    w: &mut W,
+) -> Result<(), String> {
+    let snap = restore::snapshot_with(shim, facts);
+    let logs_dir = shim.paths.logs();
+    let mut blobs = Vec::new();
+    let mut files = Vec::new();
+    for c in &snap.containers {
+        for p in &c.processes {
+            for stream in ["stdout", "stderr"] {
+                let path = output::log_path(&logs_dir.join(&c.id), p.pid, stream);
+                // Header first: what it records is all in the file already.
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                blobs.push(LogBlob {
+                    container: c.id.clone(),
+                    pid: p.pid,
+                    stream: stream.into(),
+                    len: bytes.len() as u64,
+                });
+                files.push(bytes);
+            }
+        }
+    }
+    let header = StateHeader {
+        snapshot: snap,
+        logs: blobs,
+    };
+    let io = |e: std::io::Error| format!("sending the UVM's state: {e}");
+    control::write_line(w, &header).await.map_err(io)?;
+    for f in files {
+        w.write_all(&f).await.map_err(io)?;
+    }
+    w.flush().await.map_err(io)?;
+    Ok(())
+}
+
+// -- destination -----------------------------------------------------------------------------
+
+/// What a receiving shim ends up with: the migrated UVM, connected and restored.
+pub type Received = (
+    Backend,
+    GuestConnection,
+    BTreeMap<String, ContainerRec>,
+    u64,
+);
+
+/// Waits on `listener` for a source to send a UVM (answering Info and Stop meanwhile); an
+/// attempt that fails leaves nothing running and the wait goes on. `None`: stopped.
+pub async fn receive(
+    args: &ShimArgs,
+    paths: &UvmPaths,
+    root: &Path,
+    listener: &UnixListener,
+) -> Result<Option<Received>, String> {
+    super::report_ready("ok");
+    tracing::info!(uvm = %args.name, "waiting for an incoming migration");
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .await
+            .map_err(|e| format!("control accept: {e}"))?;
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r);
+        let request: Request = match control::read_line(&mut r).await {
+            Ok(req) => req,
+            Err(e) => {
+                let _ =
+                    control::write_line(&mut w, &Reply::error(format!("bad request: {e}"))).await;
+                continue;
+            }
+        };
+        match request {
+            Request::Info => {
+                let info = json!({
+                    "uvm": {"name": args.name, "backend": "qemu", "running": false,
+                            "state": "waiting for an incoming migration",
+                            "state_dir": paths.dir},
+                    "shim_pid": std::process::id(),
+                    "containers": [],
+                });
+                let _ = control::write_line(&mut w, &Reply::ok(info)).await;
+            }
+            Request::Stop => {
+                let _ =
+                    control::write_line(&mut w, &Reply::ok(json!({"stopped": args.name}))).await;
+                return Ok(None);
+            }
+            Request::Incoming(spec) => match incoming(args, paths, root, spec, r, w).await {
+                Ok(Some(received)) => return Ok(Some(received)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "incoming migration failed; waiting again"),
+            },
+            _ => {
+                let _ = control::write_line(
+                    &mut w,
+                    &Reply::error(format!(
+                        "UVM {:?} is waiting for an incoming migration; it runs nothing yet",
+                        args.name
+                    )),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The image to boot: the one the source booted, from this host's cache.
+fn find_image(
+    args: &ShimArgs,
+    root: &Path,
+    spec: &IncomingSpec,
+) -> Result<(PathBuf, PathBuf), String> {
+    let key = spec.image.as_str();
+    if let (Some(k), Some(i)) = (&args.qemu.kernel, &args.qemu.initrd) {
+        if image_key(k) != key {
+            return Err(format!(
+                "the source booted image {key}, this destination was given {}",
+                k.display()
+            ));
+        }
+        return Ok((k.clone(), i.clone()));
+    }
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!("bad image key {key:?}"));
+    }
+    let dir = root.join("images").join("uvm").join(key);
+    let (k, i) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
+    if (!k.is_file() || !i.is_file())
+        && image_key(&spec.kernel) == key
+        && image_key(&spec.initrd) == key
+        && spec.kernel.is_file()
+        && spec.initrd.is_file()
+    {
+        // The same cache entry (content-addressed), readable from here.
+        return Ok((spec.kernel.clone(), spec.initrd.clone()));
+    }
+    if !k.is_file() || !i.is_file() {
+        return Err(format!(
+            "this host lacks the source's image {key} (in {}): build it here with the same \
+             inputs (`ferry image build`)",
+            dir.display()
+        ));
+    }
+    Ok((k, i))
+}
+
+async fn incoming<R, W>(
+    args: &ShimArgs,
+    paths: &UvmPaths,
+    root: &Path,
+    spec: IncomingSpec,
+    mut r: R,
+    mut w: W,
+) -> Result<Option<Received>, String>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let checked = (|| {
+        if spec.name != args.name {
+            return Err(format!(
+                "this destination waits for UVM {:?}, not {:?}",
+                args.name, spec.name
+            ));
+        }
+        let plan = QemuMigrationPlan::from_bytes(&spec.options).map_err(|e| e.to_string())?;
+        let image = find_image(args, root, &spec)?;
+        let address = match plan.transport {
+            uvm::migration::MemoryTransport::Tcp => {
+                return Err(
+                    "memory over TCP needs a destination listening on TCP (not available yet); use the unix transport"
+                        .to_string(),
+                );
+            }
+            _ => MemoryAddress::unix(paths.dir.join("memory.sock")).map_err(|e| e.to_string())?,
+        };
+        Ok((plan, image, address))
+    })();
+    let (plan, (kernel, initrd), address) = match checked {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
+            return Err(e);
+        }
+    };
+    if spec.dry_run {
+        let _ = control::write_line(
+            &mut w,
+            &Reply::ok(json!({"compatible": true, "image": spec.image})),
+        )
+        .await;
+        return Ok(None);
+    }
+    let mut config = args
+        .qemu
+        .config(&args.name, paths.dir.clone(), kernel, initrd);
+    config.memory_mib = spec.memory_mib;
+    config.cpus = spec.cpus;
+    let mut uvm = QemuUvm::new(config);
+    if let Err(e) = uvm.start_incoming(&plan, &address).await {
+        let e = format!("cannot start QEMU for the incoming UVM: {e}");
+        let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
+        return Err(e);
+    }
+    let _ = control::write_line(&mut w, &Reply::ok(json!({"memory": address.to_string()}))).await;
+
+    // The memory arrives QEMU to QEMU while the source's shim waits; then its state.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let limit = spec.log_limit;
+    let (loaded, state) = tokio::join!(uvm.wait_incoming(&tx), read_state(&mut r, paths, limit));
+    let fail = async |uvm: &mut QemuUvm, w: &mut W, e: String| {
+        let _ = control::write_line(w, &Reply::error(e.clone())).await;
+        let _ = uvm.stop(Duration::from_secs(1)).await;
+        Err(e)
+    };
+    let snap = match (loaded, state) {
+        (Ok(()), Ok(snap)) => snap,
+        (Err(e), _) => {
+            return fail(&mut uvm, &mut w, format!("the memory transfer failed: {e}")).await;
+        }
+        (_, Err(e)) => return fail(&mut uvm, &mut w, e).await,
+    };
+    // Recorded before the guest runs: a crash from here on is restorable like an upgrade.
+    if let Err(e) = snapshot::write(&paths.dir.join("snapshot"), &snap) {
+        return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;
+    }
+    if let Err(e) = uvm.resume_incoming().await {
+        return fail(&mut uvm, &mut w, format!("cannot resume the UVM: {e}")).await;
+    }
+    let resumed = Instant::now();
+    // From here on the guest runs here: never tell the source to resume.
+    let transport = match uvm.open_migrated_channel().await {
+        Ok(t) => t,
+        Err(e) => {
+            let e = format!("the UVM runs here but its channel failed: {e}");
+            let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
+            return Err(e);
+        }
+    };
+    let restored =
+        restore::reattach_snapshot(snap, restore::Found::Qemu(Box::new(uvm), transport)).await;
+    let (backend, conn, containers, log_limit) = match restored {
+        Ok(x) => x,
+        Err(e) => {
+            let e = format!("the UVM runs here but restoring its host state failed: {e}");
+            let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
+            return Err(e);
+        }
+    };
+    let mut dest_events = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        dest_events.push(ev);
+    }
+    let reconnect_ms = resumed.elapsed().as_millis() as u64;
+    tracing::info!(
+        reconnect_ms,
+        containers = containers.len(),
+        "migrated UVM restored"
+    );
+    let _ = control::write_line(
+        &mut w,
+        &Reply::ok(json!({
+            "restored": containers.len(),
+            "reconnect_ms": reconnect_ms,
+            "events": dest_events,
+        })),
+    )
+    .await;
+    Ok(Some((backend, conn, containers, log_limit)))
+}
+
+/// Reads the source's state: the snapshot (made to describe this host's directory) and the
+/// logs, written where this shim keeps them.
+async fn read_state<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    paths: &UvmPaths,
+    log_limit: u64,
+) -> Result<Snapshot, String> {
+    let header: StateHeader = control::read_line(r)
+        .await
+        .map_err(|e| format!("receiving the UVM's state: {e}"))?;
+    let mut snap = header.snapshot;
+    snap.uvm.state_dir = paths.dir.clone();
+    let max = log_limit.max(output::MIN_LOG_LIMIT) + 2 * MAX_LINE as u64;
+    for blob in header.logs {
+        let ok_id = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && !s.starts_with('.')
+        };
+        if !ok_id(&blob.container) || !["stdout", "stderr"].contains(&blob.stream.as_str()) {
+            return Err(format!("bad log entry {blob:?} in the UVM's state"));
+        }
+        if blob.len > max {
+            return Err(format!(
+                "log {}/{}.{} is {} bytes, over the {max}-byte bound",
+                blob.container, blob.pid, blob.stream, blob.len
+            ));
+        }
+        let dir = paths.logs().join(&blob.container);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let path = output::log_path(&dir, blob.pid, &blob.stream);
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| format!("create {}: {e}", path.display()))?;
+        let copied = tokio::io::copy(&mut (&mut *r).take(blob.len), &mut file)
+            .await
+            .map_err(|e| format!("receiving {}: {e}", path.display()))?;
+        if copied != blob.len {
+            return Err(format!(
+                "the UVM's state ended inside {} ({copied} of {} bytes)",
+                path.display(),
+                blob.len
+            ));
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    Ok(snap)
+}
