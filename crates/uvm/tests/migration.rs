@@ -216,12 +216,12 @@ async fn migrate_and_check(test: &str, options: InitializeOptions) {
     let _turn = TURN.lock().await;
     let img = support::image().await;
     let dir = Scratch::new(test);
-    let (mut src, mut src_guard, conn, pid) = boot_source(&img, &dir.0).await;
+    let (mut src, mut src_guard, conn, pid) = boot_source(img, &dir.0).await;
     let before = counter_above(&conn, 0).await;
 
     // Both sides apply the same plan.
     let plan = QemuMigrationPlan::from_options(&options).unwrap();
-    let (mut dst, mut dst_guard, address) = start_destination(&img, &dir.0, "dst", &plan).await;
+    let (mut dst, mut dst_guard, address) = start_destination(img, &dir.0, "dst", &plan).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let (dtx, drx) = mpsc::unbounded_channel();
     let (_cancel, cancel_rx) = watch::channel(false);
@@ -309,11 +309,11 @@ async fn a_cancelled_migration_leaves_the_source_running() {
     let _turn = TURN.lock().await;
     let img = support::image().await;
     let dir = Scratch::new("cancel");
-    let (mut src, _src_guard, conn, pid) = boot_source(&img, &dir.0).await;
+    let (mut src, _src_guard, conn, pid) = boot_source(img, &dir.0).await;
 
     // 1 MiB/s: the transfer would take over a minute; it is cancelled once bytes move.
     let plan = QemuMigrationPlan::from_options(&options(1 << 20)).unwrap();
-    let (mut dst, _dst_guard, address) = start_destination(&img, &dir.0, "dst", &plan).await;
+    let (mut dst, _dst_guard, address) = start_destination(img, &dir.0, "dst", &plan).await;
     let (tx, rx) = mpsc::unbounded_channel();
     let (dtx, _drx) = mpsc::unbounded_channel();
     let (cancel, cancel_rx) = watch::channel(false);
@@ -364,10 +364,10 @@ async fn a_destination_that_dies_mid_transfer_leaves_the_source_running() {
     let _turn = TURN.lock().await;
     let img = support::image().await;
     let dir = Scratch::new("kill");
-    let (mut src, _src_guard, conn, pid) = boot_source(&img, &dir.0).await;
+    let (mut src, _src_guard, conn, pid) = boot_source(img, &dir.0).await;
 
     let plan = QemuMigrationPlan::from_options(&options(1 << 20)).unwrap();
-    let (mut dst, _dst_guard, address) = start_destination(&img, &dir.0, "dst", &plan).await;
+    let (mut dst, _dst_guard, address) = start_destination(img, &dir.0, "dst", &plan).await;
     let dst_pid = dst.properties().pid.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     let (dtx, _drx) = mpsc::unbounded_channel();
@@ -423,7 +423,7 @@ async fn a_blackout_over_the_threshold_is_cancelled_and_the_source_resumes() {
     let _turn = TURN.lock().await;
     let img = support::image().await;
     let dir = Scratch::new("blackout");
-    let (mut src, _src_guard, conn, pid) = boot_source(&img, &dir.0).await;
+    let (mut src, _src_guard, conn, pid) = boot_source(img, &dir.0).await;
 
     // No blackout is that short: whether ferry catches it while the VM is stopped or from
     // QEMU's reported downtime, the migration is cancelled and the source runs again.
@@ -436,7 +436,7 @@ async fn a_blackout_over_the_threshold_is_cancelled_and_the_source_resumes() {
         ..options(10 << 30)
     };
     let plan = QemuMigrationPlan::from_options(&o).unwrap();
-    let (mut dst, _dst_guard, address) = start_destination(&img, &dir.0, "dst", &plan).await;
+    let (mut dst, _dst_guard, address) = start_destination(img, &dir.0, "dst", &plan).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (dtx, _drx) = mpsc::unbounded_channel();
     let (_cancel, cancel_rx) = watch::channel(false);
