@@ -26,6 +26,9 @@ pub const DEV_DIR: &str = "/dev";
 /// Pause between looks while the port is missing, busy, or has no host client. Short: after a
 /// migration the guest should be back as soon as the host reconnects.
 const RETRY: Duration = Duration::from_millis(50);
+/// How often to look for a new host in the first moments after the last one left.
+const FAST_LOOK: Duration = Duration::from_millis(5);
+const FAST_LOOK_FOR: Duration = Duration::from_secs(2);
 /// Quiet retries, but say something this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// A port name longer than this is not ours (sysfs gives at most a page).
@@ -240,9 +243,13 @@ impl Waiting {
 /// Runs sessions over the port, one per host client, forever (or until nobody follows them).
 async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
     let mut generation = 0u64;
+    // The port stays open across sessions: closing it and opening it again costs a retry
+    // while the kernel still holds the last descriptor (EBUSY), which is time the next host
+    // waits for its session.
+    let mut device: Option<OwnedFd> = None;
     loop {
-        let fd = open_connected(&name).await;
-        let port = match VirtioPort::new(fd) {
+        let fd = open_connected(&name, &mut device).await;
+        let mut port = match VirtioPort::new(fd) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(port = %name, error = %e, "cannot register the port with the runtime");
@@ -250,6 +257,12 @@ async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
                 continue;
             }
         };
+        // The host starts its side at this marker: whatever an earlier session left in the
+        // channel is not mistaken for this one (transport::session_hello).
+        if let Err(e) = transport::session_hello::send_hello(&mut port).await {
+            tracing::info!(port = %name, error = %e, "the host left before the session began");
+            continue;
+        }
         generation += 1;
         let session = MuxSession::new(port, MuxRole::Server);
         tracing::info!(port = %name, session = generation, "host connected; multiplexer session started");
@@ -265,46 +278,70 @@ async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
     }
 }
 
-/// Finds and opens the port, then waits until a host client is on it.
-async fn open_connected(name: &str) -> OwnedFd {
+/// Finds and opens the port (unless `device` holds it open already), then waits until a host
+/// client is on it; returns a descriptor of its own for the session.
+async fn open_connected(name: &str, device: &mut Option<OwnedFd>) -> OwnedFd {
     let mut finding = Waiting::new("the virtio-serial port");
     let mut host = Waiting::new("a host on the virtio-serial port");
     loop {
-        let path = match find_port(Path::new(SYSFS_PORTS), Path::new(DEV_DIR), name) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
-                finding.tick(name, "no port by that name yet");
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-            Err(e) => {
-                finding.tick(name, &format!("{SYSFS_PORTS}: {e}"));
-                tokio::time::sleep(RETRY).await;
-                continue;
-            }
-        };
-        let fd = match VirtioPort::open(&path) {
-            Ok(fd) => fd,
-            Err(e) => {
-                // EBUSY: the previous session's descriptor is still closing; ENOENT: the node
-                // is not in /dev yet.
-                finding.tick(name, &format!("open {}: {e}", path.display()));
-                tokio::time::sleep(RETRY).await;
-                continue;
+        let fd = match device.take() {
+            Some(fd) => fd,
+            None => {
+                let path = match find_port(Path::new(SYSFS_PORTS), Path::new(DEV_DIR), name) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        finding.tick(name, "no port by that name yet");
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        finding.tick(name, &format!("{SYSFS_PORTS}: {e}"));
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                };
+                match VirtioPort::open(&path) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        // EBUSY: another descriptor of the port is still closing; ENOENT:
+                        // the node is not in /dev yet.
+                        finding.tick(name, &format!("open {}: {e}", path.display()));
+                        tokio::time::sleep(RETRY).await;
+                        continue;
+                    }
+                }
             }
         };
         finding.done(name);
-        loop {
-            match VirtioPort::host_connected(&fd) {
-                Ok(true) => {
+        match VirtioPort::host_connected(&fd) {
+            Ok(true) => match fd.try_clone() {
+                Ok(session_fd) => {
                     host.done(name);
-                    return fd;
+                    *device = Some(fd);
+                    return session_fd;
                 }
-                Ok(false) => host.tick(name, "no host client on the port's socket"),
-                Err(e) => host.tick(name, &format!("poll {}: {e}", path.display())),
+                Err(e) => {
+                    host.tick(name, &format!("dup: {e}"));
+                    *device = Some(fd);
+                }
+            },
+            Ok(false) => {
+                host.tick(name, "no host client on the port's socket");
+                *device = Some(fd);
             }
-            tokio::time::sleep(RETRY).await;
+            // The port went away (device unplugged): find it again.
+            Err(e) => host.tick(name, &format!("poll the port: {e}")),
         }
+        // The port cannot signal a host's arrival (it polls as hung up until then), so look
+        // often at first: right after a migration or a host restart the next host is moments
+        // away, and every millisecond here is output not flowing.
+        let waited = host.since.map(|t| t.elapsed()).unwrap_or_default();
+        tokio::time::sleep(if waited < FAST_LOOK_FOR {
+            FAST_LOOK
+        } else {
+            RETRY
+        })
+        .await;
     }
 }
 

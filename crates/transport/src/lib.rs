@@ -39,6 +39,7 @@ mod hybrid_vsock;
 mod mux;
 mod registry;
 pub mod resumable;
+pub mod session_hello;
 mod vsock;
 
 pub use mux::{MuxRole, MuxSession};

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::watch;
+use transport::session_hello::{self, Hello};
 use transport::{Listener, MuxRole, MuxSession, Transport};
 
 /// The live-migration lifecycle (a child module: it uses this type's private state).
@@ -39,11 +40,14 @@ const MAX_SOCKET_PATH: usize = 107;
 const SOCKETS_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts to connect to a socket QEMU has not created yet.
 const SOCKET_RETRY: Duration = Duration::from_millis(20);
+/// Pause between cutting a connection that brought no session hello and connecting again.
+const CUT_PAUSE: Duration = Duration::from_millis(5);
 /// The virtio-serial port's device id (QEMU reports the guest opening and closing it).
 const PORT_DEVICE_ID: &str = "agentport";
-/// How long the guest may take to notice its host left (it reads end-of-file at once; QEMU
-/// may hold the news back for up to a second).
-const GUEST_NOTICE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a host reconnecting to a running guest waits for the guest's session hello
+/// before it cuts the connection again, so that a guest still running the session of the
+/// previous host (it learns of its host leaving only from the port's end-of-file) sees it end.
+pub const RECONNECT_PATIENCE: Duration = Duration::from_millis(250);
 
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -464,10 +468,9 @@ impl QemuUvm {
         let deadline = started + SOCKETS_TIMEOUT;
         let qmp_stream = self.connect_socket(&self.qmp_socket(), deadline).await?;
         self.qmp = Some(Qmp::handshake(qmp_stream).await?);
-        // Connected before the guest opens its end: the guest's first look finds a host.
-        let conn = self
-            .attach_channel(deadline, self.config.connect_timeout)
-            .await?;
+        // Connected before the guest opens its end: the guest's first look finds a host; its
+        // session hello comes once it has booted.
+        let conn = self.attach_channel(self.config.connect_timeout).await?;
         tracing::info!(
             name = %self.config.name,
             pid = self.pid,
@@ -481,26 +484,61 @@ impl QemuUvm {
 
     /// Connects the host's end of the virtio-serial port, starts the multiplexer (client
     /// role), and accepts and negotiates the agent's bridge connection.
-    async fn attach_channel(
-        &mut self,
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<GuestConnection> {
-        let transport = self.open_channel(deadline).await?;
+    pub(crate) async fn attach_channel(&mut self, patience: Duration) -> Result<GuestConnection> {
+        let timeout = self.config.connect_timeout;
+        let transport = self
+            .open_channel(Instant::now() + timeout, patience)
+            .await?;
         self.accept_guest(transport, timeout, |_| {}).await
     }
 
     /// Connects the host's end of the virtio-serial port and starts a new multiplexer session
     /// on it (client role). The guest sees a new session: callers may listen on ports of the
     /// returned transport (a restore's stdio ports) before [`accept_guest`](Self::accept_guest).
-    pub async fn open_channel(&mut self, deadline: Instant) -> Result<Transport> {
-        let agent = self.connect_socket(&self.agent_socket(), deadline).await?;
-        let dup = agent
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| UvmError::io("duplicate the agent socket", e))?;
-        self.channel = Some(std::os::unix::net::UnixStream::from(dup));
-        Ok(Transport::mux(MuxSession::new(agent, MuxRole::Client)))
+    ///
+    /// The session starts at the guest's session hello ([`transport::session_hello`]). A
+    /// connection that brings none within `patience` is cut and made again, until `until`:
+    /// the guest may still run the session of the host before (after a migration or a host
+    /// restart) and only a cut shows it that session's end.
+    pub async fn open_channel(&mut self, until: Instant, patience: Duration) -> Result<Transport> {
+        loop {
+            let agent = self.connect_socket(&self.agent_socket(), until).await?;
+            let dup = agent
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| UvmError::io("duplicate the agent socket", e))?;
+            let dup = std::os::unix::net::UnixStream::from(dup);
+            let mut agent = tokio::io::BufReader::new(agent);
+            let left = until.saturating_duration_since(Instant::now());
+            let hello = session_hello::read_hello(&mut agent, patience.min(left)).await;
+            match hello {
+                Ok(Hello::Found { discarded }) => {
+                    if discarded > 0 {
+                        tracing::debug!(discarded, "dropped bytes of the guest's previous session");
+                    }
+                    self.channel = Some(dup);
+                    return Ok(Transport::mux(MuxSession::new(agent, MuxRole::Client)));
+                }
+                other => {
+                    let _ = dup.shutdown(std::net::Shutdown::Both);
+                    if let Some(status) = self.exit_status() {
+                        return Err(UvmError::Start(format!(
+                            "QEMU exited ({status}){}",
+                            self.failure_context()
+                        )));
+                    }
+                    if Instant::now() >= until {
+                        return Err(UvmError::Start(format!(
+                            "the guest agent did not start a session on its channel in time ({other:?}){}",
+                            self.failure_context()
+                        )));
+                    }
+                    tracing::debug!(?other, "no session hello from the guest; connecting again");
+                    // Bounded by `until`; gives the guest's port a moment to see the cut.
+                    tokio::time::sleep(CUT_PAUSE).await;
+                }
+            }
+        }
     }
 
     /// Accepts the agent's bridge connection on `transport` and negotiates; `prepare` runs on
@@ -590,54 +628,17 @@ impl QemuUvm {
         if !self.is_running() {
             return Err(UvmError::NotRunning);
         }
-        let cut = SystemTime::now();
         self.disconnect("the host is reconnecting");
-        self.wait_guest_closed_port(cut).await;
-        let timeout = self.config.connect_timeout;
         let t = Instant::now();
-        let conn = self
-            .attach_channel(Instant::now() + SOCKETS_TIMEOUT, timeout)
-            .await?;
+        let conn = self.attach_channel(RECONNECT_PATIENCE).await?;
         tracing::info!(name = %self.config.name, elapsed = ?t.elapsed(), "reconnected to the guest agent");
         Ok(conn)
     }
 
-    /// Lets go of the guest for another host process (a save, an upgrade): cuts the channel
-    /// and waits until the guest has noticed, so that the next host's session cannot be
-    /// mistaken for the continuation of this one. The VM keeps running.
-    pub async fn release_channel(&mut self) {
-        let cut = SystemTime::now();
+    /// Lets go of the guest for another host process (a save, an upgrade): cuts the channel.
+    /// The VM keeps running; the next host finds the guest's new session by its hello.
+    pub fn release_channel(&mut self) {
         self.disconnect("the UVM is handed to another host process");
-        self.wait_guest_closed_port(cut).await;
-    }
-
-    /// Waits until the guest has closed its end of the port after `since`. A host that
-    /// connects again sooner may hide its absence: the guest sees end-of-file only while no
-    /// host is connected, and would carry on its old multiplexer session with a new host that
-    /// knows nothing of it.
-    ///
-    /// QEMU reports the guest opening and closing the port as `VSERPORT_CHANGE`, but throttles
-    /// that event to one a second, keeping only the latest: a close followed at once by the
-    /// reopen may arrive as a single "open". So any change after `since` counts (the guest
-    /// only closes its port when its host has gone), stamped with its own time.
-    pub async fn wait_guest_closed_port(&mut self, since: SystemTime) {
-        let Some(q) = self.qmp.as_mut() else {
-            return;
-        };
-        // QEMU stamps events with the wall clock, like `since`.
-        let since = since
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i128)
-            .unwrap_or_default();
-        let closed = |e: &serde_json::Value| {
-            let stamp = &e["timestamp"];
-            let micros = stamp["seconds"].as_i64().unwrap_or(0) as i128 * 1_000_000
-                + stamp["microseconds"].as_i64().unwrap_or(0) as i128;
-            e["event"] == "VSERPORT_CHANGE" && e["data"]["id"] == PORT_DEVICE_ID && micros >= since
-        };
-        if let Err(e) = q.wait_event(GUEST_NOTICE_TIMEOUT, closed).await {
-            tracing::warn!(error = %e, "the guest did not report closing its port; connecting anyway");
-        }
     }
 
     /// Ends the host's side of the channel, even while streams on it are still held.

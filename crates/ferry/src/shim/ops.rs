@@ -175,7 +175,7 @@ async fn save(shim: &Shim, to: Option<String>) -> Outcome {
         if let Backend::Qemu(u) = &mut *shim.uvm.lock().await {
             // Output the guest sends meanwhile is still logged: the next host resumes each
             // stream from its log, not from the snapshot.
-            u.release_channel().await;
+            u.release_channel();
         }
         Ok((
             json!({"snapshot": path, "uvm": shim.name, "agent_pid": snap.uvm.agent_pid}),

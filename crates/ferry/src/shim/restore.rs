@@ -175,7 +175,10 @@ pub async fn reattach(
                 .await
                 .map_err(|e| e.to_string())?;
             let transport = uvm
-                .open_channel(std::time::Instant::now() + Duration::from_secs(10))
+                .open_channel(
+                    std::time::Instant::now() + Duration::from_secs(15),
+                    uvm::qemu::RECONNECT_PATIENCE,
+                )
                 .await
                 .map_err(|e| e.to_string())?;
             Found::Qemu(Box::new(uvm), transport)

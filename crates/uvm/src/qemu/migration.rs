@@ -19,7 +19,7 @@
 //! Failed, and returns [`UvmError::Migration`]. The destination never runs the guest unless
 //! [`QemuUvm::resume_incoming`] is called, and QEMU ends a destination whose stream broke.
 
-use super::{GUEST_NOTICE_TIMEOUT, PORT_DEVICE_ID, QemuUvm, SOCKETS_TIMEOUT, wait_exit};
+use super::{QemuUvm, RECONNECT_PATIENCE, SOCKETS_TIMEOUT, wait_exit};
 use crate::migration::{MemoryAddress, MigrationEvent, Origin, Outcome, Phase, QemuMigrationPlan};
 use crate::qmp::Qmp;
 use crate::{Result, UvmError};
@@ -49,8 +49,6 @@ pub(super) struct MigrationState {
     loaded: bool,
     /// Where the destination's later events go (resume_incoming has no parameter for it).
     events: Option<UnboundedSender<MigrationEvent>>,
-    /// When the destination was resumed: the guest closes its port after this.
-    resumed_at: Option<SystemTime>,
     /// The source's transfer completed: the guest runs (or will) on the destination.
     completed_out: bool,
     /// Options given by [`crate::UtilityVm::initialize_live_migration_on_source`].
@@ -318,12 +316,10 @@ impl QemuUvm {
             ));
         }
         let qmp = self.qmp.as_mut().ok_or(UvmError::NotRunning)?;
-        let since = SystemTime::now();
         qmp.execute("cont", None).await?;
         self.paused = false;
         self.migration.loaded = false;
         self.migration.incoming = false;
-        self.migration.resumed_at = Some(since);
         if let Some(events) = self.migration.events.take() {
             let dst = Origin::Destination;
             send(
@@ -342,8 +338,8 @@ impl QemuUvm {
     }
 
     /// Connects to the guest agent and returns the negotiated connection: on a resumed
-    /// destination (whose host channel was never connected) after the guest has noticed its
-    /// old host is gone; on a VM already connected, by reconnecting.
+    /// destination (whose host channel was never connected) once the guest has started a new
+    /// session (see [`QemuUvm::open_channel`]); on a VM already connected, by reconnecting.
     pub async fn connect_guest(&mut self) -> Result<GuestConnection> {
         if !self.is_running() {
             return Err(UvmError::NotRunning);
@@ -356,63 +352,19 @@ impl QemuUvm {
         if self.channel.is_some() {
             return self.reconnect().await;
         }
-        if let Some(since) = self.migration.resumed_at.take() {
-            self.wait_guest_left_old_host(since).await;
-        }
         let t = Instant::now();
-        let conn = self
-            .attach_channel(
-                Instant::now() + SOCKETS_TIMEOUT,
-                self.config.connect_timeout,
-            )
-            .await?;
+        let conn = self.attach_channel(RECONNECT_PATIENCE).await?;
         tracing::info!(name = %self.config.name, elapsed = ?t.elapsed(), "connected to the guest agent");
         Ok(conn)
     }
 
     /// Destination, after [`resume_incoming`](Self::resume_incoming): opens the host's end of
-    /// the channel once the guest has left its old session, for a caller that listens on
+    /// the channel once the guest has started a new session, for a caller that listens on
     /// ports before accepting the agent (a restore of the source's host state). Used instead
     /// of [`connect_guest`](Self::connect_guest).
     pub async fn open_migrated_channel(&mut self) -> Result<transport::Transport> {
-        if let Some(since) = self.migration.resumed_at.take() {
-            self.wait_guest_left_old_host(since).await;
-        }
-        self.open_channel(Instant::now() + SOCKETS_TIMEOUT).await
-    }
-
-    /// After a resume on the destination the guest learns that no host is connected (the
-    /// source's client did not come along), ends its session and closes its port. A host
-    /// that connects before that would inherit the old multiplexer session, so wait for it.
-    /// QEMU reports the port's state as `VSERPORT_CHANGE`: the first one after the resume is
-    /// QEMU restoring the port as open; the guest's close follows (throttled to one a second,
-    /// possibly merged with its reopening, so any second change counts).
-    async fn wait_guest_left_old_host(&mut self, since: SystemTime) {
-        let Some(q) = self.qmp.as_mut() else {
-            return;
-        };
-        let since = since
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as i128)
-            .unwrap_or_default();
-        let change = move |e: &Value| {
-            let stamp = &e["timestamp"];
-            let micros = stamp["seconds"].as_i64().unwrap_or(0) as i128 * 1_000_000
-                + stamp["microseconds"].as_i64().unwrap_or(0) as i128;
-            e["event"] == "VSERPORT_CHANGE" && e["data"]["id"] == PORT_DEVICE_ID && micros >= since
-        };
-        let t = Instant::now();
-        for _ in 0..2 {
-            match q.wait_event(GUEST_NOTICE_TIMEOUT, change).await {
-                Ok(e) if e["data"]["open"] == false => break,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "the guest did not report closing its port; connecting anyway");
-                    break;
-                }
-            }
-        }
-        tracing::debug!(elapsed = ?t.elapsed(), "the guest left its old host session");
+        let until = Instant::now() + self.config.connect_timeout;
+        self.open_channel(until, RECONNECT_PATIENCE).await
     }
 
     /// Source: migrates the VM to the destination listening on `address`, reporting on
