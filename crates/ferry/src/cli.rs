@@ -126,6 +126,12 @@ pub struct ShimArgs {
     /// Start nothing: wait for a UVM migrating here (`ferry uvm receive`).
     #[arg(long, conflicts_with = "restore")]
     pub incoming: bool,
+    /// With --incoming: also take the source's request on TCP (HOST:PORT).
+    #[arg(long, requires = "incoming")]
+    pub listen: Option<String>,
+    /// With --listen: the port QEMU receives memory on (default: the --listen port + 1).
+    #[arg(long, requires = "listen")]
+    pub memory_port: Option<u16>,
     #[command(flatten)]
     pub qemu: QemuArgs,
 }
@@ -171,6 +177,14 @@ pub enum UvmCommand {
     /// process serves NAME's control socket and boots QEMU when a source arrives.
     Receive {
         name: String,
+        /// Also take the source's request on TCP, for a source on another machine
+        /// (`ferry migrate NAME --to tcp:HOST:PORT`); memory then comes on the next port.
+        /// Only the migration request is served there: put it on a trusted network.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+        /// The port QEMU receives memory on (default: the --listen port + 1).
+        #[arg(long, requires = "listen")]
+        memory_port: Option<u16>,
         #[command(flatten)]
         qemu: QemuArgs,
     },
@@ -198,9 +212,10 @@ pub struct MigrateArgs {
     /// Check the options and the destination (image, shape), move nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// How memory travels: unix (one machine) or tcp.
-    #[arg(long, default_value = "unix", value_parser = ["unix", "tcp"])]
-    pub transport: String,
+    /// How memory travels: unix (one machine) or tcp (default: tcp for a tcp: DEST, else
+    /// unix).
+    #[arg(long, value_parser = ["unix", "tcp"])]
+    pub transport: Option<String>,
     /// Throttle step, % (1-100): how hard a guest that dirties memory faster than it can be
     /// sent is slowed down.
     #[arg(long, value_name = "PCT")]

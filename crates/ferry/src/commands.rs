@@ -289,9 +289,12 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
             }
             Ok(0)
         }
-        UvmCommand::Receive { name, qemu } => {
-            crate::migrate::receive(root, &name, &qemu, json).await
-        }
+        UvmCommand::Receive {
+            name,
+            listen,
+            memory_port,
+            qemu,
+        } => crate::migrate::receive(root, &name, listen, memory_port, &qemu, json).await,
         UvmCommand::Stop { name } => uvm_stop(root, &name, json).await,
         UvmCommand::Ls => uvm_ls(root, json).await,
         UvmCommand::Inspect { name } => {

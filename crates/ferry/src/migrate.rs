@@ -38,9 +38,11 @@ fn options(a: &MigrateArgs) -> Result<Vec<u8>, String> {
         ..Default::default()
     };
     let o = InitializeOptions {
-        memory_transport: match a.transport.as_str() {
-            "tcp" => MemoryTransport::Tcp,
-            _ => MemoryTransport::Unix,
+        memory_transport: match a.transport.as_deref() {
+            Some("tcp") => MemoryTransport::Tcp,
+            Some(_) => MemoryTransport::Unix,
+            None if a.to.starts_with("tcp:") => MemoryTransport::Tcp,
+            None => MemoryTransport::Unix,
         } as i32,
         memory_transfer_throttle_params: (throttle != MemoryTransferThrottleParams::default())
             .then_some(throttle),
@@ -124,7 +126,8 @@ pub async fn migrate(root: &Path, a: MigrateArgs, json: bool) -> Outcome {
             return Err(reply.error.unwrap_or_else(|| "migration failed".into()));
         }
         if json {
-            print_json(&reply.data);
+            // One JSON object per line, like the events before it.
+            println!("{}", reply.data);
         } else if a.dry_run {
             println!("{}: ok to migrate to {to} (nothing moved)", a.uvm);
         } else {
@@ -216,7 +219,14 @@ impl View {
 }
 
 /// `ferry uvm receive NAME`: a host process waiting for NAME to migrate here.
-pub async fn receive(root: &Path, name: &str, qemu: &QemuArgs, json: bool) -> Outcome {
+pub async fn receive(
+    root: &Path,
+    name: &str,
+    listen: Option<String>,
+    memory_port: Option<u16>,
+    qemu: &QemuArgs,
+    json: bool,
+) -> Outcome {
     paths::validate_uvm_name(name)?;
     let control = UvmPaths::new(root, name).control();
     if UnixStream::connect(&control).await.is_ok() {
@@ -225,6 +235,12 @@ pub async fn receive(root: &Path, name: &str, qemu: &QemuArgs, json: bool) -> Ou
         ));
     }
     let mut extra = vec!["--backend=qemu".to_owned(), "--incoming".to_owned()];
+    if let Some(l) = &listen {
+        extra.push(format!("--listen={l}"));
+    }
+    if let Some(p) = memory_port {
+        extra.push(format!("--memory-port={p}"));
+    }
     extra.extend(qemu.shim_args());
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let pid = spawn_shim(root, name, &extra).await?;
@@ -232,6 +248,9 @@ pub async fn receive(root: &Path, name: &str, qemu: &QemuArgs, json: bool) -> Ou
         print_json(&serde_json::json!({"receiving": name, "shim_pid": pid, "control": control}));
     } else {
         println!("unix:{}", control.display());
+        if let Some(l) = listen {
+            println!("tcp:{l}");
+        }
     }
     Ok(0)
 }

@@ -211,6 +211,12 @@ fn a_container_in_a_qemu_uvm_and_a_host_upgrade_under_it() {
     env.ok(&["uvm", "stop", "q"]);
 }
 
+/// A TCP port nobody listens on right now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 /// Whether `pattern` matches a live process (a QEMU of a test directory).
 fn qemu_running(dir: &Path) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -287,13 +293,25 @@ fn live_migration_ping_pong_loses_no_output_and_keeps_stdin() {
     let mut here = &a;
     for n in 0..5 {
         let there = if n % 2 == 0 { &b } else { &a };
-        let json = here.ok(&[
-            "migrate",
-            "m",
-            "--to",
-            there.state.to_str().unwrap(),
-            "--json",
-        ]);
+        let dest = if n == 2 {
+            // Once over TCP (request and memory), as between two machines.
+            let (port, memory_port) = (free_port(), free_port());
+            let listen = format!("127.0.0.1:{port}");
+            let mp = memory_port.to_string();
+            there.ok(&[
+                "uvm",
+                "receive",
+                "m",
+                "--listen",
+                &listen,
+                "--memory-port",
+                &mp,
+            ]);
+            format!("tcp:{listen}")
+        } else {
+            there.state.to_str().unwrap().to_owned()
+        };
+        let json = here.ok(&["migrate", "m", "--to", &dest, "--json"]);
         let events: Vec<serde_json::Value> = json
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

@@ -23,6 +23,9 @@ pub struct Qmp {
     writer: OwnedWriteHalf,
     next_id: u64,
     events: VecDeque<Value>,
+    /// A message read in part by a wait that was given up (a timeout): kept, so that the
+    /// next read goes on from there instead of losing the stream's framing.
+    partial: Vec<u8>,
 }
 
 fn err(what: impl Into<String>) -> UvmError {
@@ -38,6 +41,7 @@ impl Qmp {
             writer: w,
             next_id: 1,
             events: VecDeque::new(),
+            partial: Vec::new(),
         };
         let greeting = tokio::time::timeout(COMMAND_TIMEOUT, qmp.read_message())
             .await
@@ -56,13 +60,15 @@ impl Qmp {
         Qmp::handshake(stream).await
     }
 
+    /// Reads one message. Cancel-safe: bytes read before a cancellation stay in `partial`.
     async fn read_message(&mut self) -> Result<Value> {
-        let mut line = Vec::new();
+        let room = MAX_LINE.saturating_sub(self.partial.len() as u64);
         let n = (&mut self.reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut line)
+            .take(room)
+            .read_until(b'\n', &mut self.partial)
             .await
             .map_err(|e| UvmError::io("read from QMP", e))?;
+        let line = std::mem::take(&mut self.partial);
         if n == 0 {
             return Err(err("QEMU closed the QMP connection"));
         }
@@ -122,6 +128,16 @@ impl Qmp {
     pub fn take_event(&mut self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
         let i = self.events.iter().position(matches)?;
         self.events.remove(i)
+    }
+
+    /// Waits at most `timeout` for an event `matches` accepts; `None` when none came (a
+    /// poll that an event can cut short).
+    pub async fn next_event_within(
+        &mut self,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        self.wait_event(timeout, matches).await.ok()
     }
 
     /// Waits for an event `matches` accepts (one already received counts, and is taken);

@@ -75,6 +75,20 @@ pub fn qemu_config(name: &str, dir: PathBuf, q: &QemuState) -> QemuConfig {
 }
 
 /// Boxed: the two differ much in size, and one lives per shim.
+/// What a snapshot records of a QEMU UVM.
+pub fn qemu_state(u: &QemuUvm) -> QemuState {
+    let c = u.config();
+    QemuState {
+        kernel: c.kernel.clone(),
+        initrd: c.initrd.clone(),
+        memory_mib: c.memory_mib,
+        cpus: c.cpus,
+        accel: u.accel().name().to_owned(),
+        port_name: c.port_name.clone(),
+        qemu: c.qemu.clone(),
+    }
+}
+
 pub enum Backend {
     Local(Box<LocalUvm>),
     Qemu(Box<QemuUvm>),
@@ -114,18 +128,7 @@ impl Backend {
     pub fn qemu_state(&self) -> Option<QemuState> {
         match self {
             Backend::Local(_) => None,
-            Backend::Qemu(u) => {
-                let c = u.config();
-                Some(QemuState {
-                    kernel: c.kernel.clone(),
-                    initrd: c.initrd.clone(),
-                    memory_mib: c.memory_mib,
-                    cpus: c.cpus,
-                    accel: u.accel().name().to_owned(),
-                    port_name: c.port_name.clone(),
-                    qemu: c.qemu.clone(),
-                })
-            }
+            Backend::Qemu(u) => Some(qemu_state(u)),
         }
     }
 }

@@ -83,6 +83,9 @@ struct LogBlob {
 }
 
 type Stream = Pin<Box<dyn AsyncReadWrite>>;
+/// A control connection's halves, whether it came over Unix or TCP.
+type ReadHalf = Pin<Box<dyn AsyncRead + Send>>;
+type WriteHalf = Pin<Box<dyn AsyncWrite + Send>>;
 trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
 
@@ -247,6 +250,7 @@ async fn migrate_out(
         .parse()
         .map_err(|e| format!("destination {to} gave a bad memory address: {e}"))?;
 
+    let prepared = started.elapsed();
     // The transfer. Requests keep being served meanwhile (the guest runs), except those that
     // need the VM itself, which wait.
     let mut uvm = shim.uvm.lock().await;
@@ -280,6 +284,10 @@ async fn migrate_out(
                 "migrated": shim.name,
                 "to": to,
                 "total_ms": started.elapsed().as_millis() as u64,
+                // Asking the destination to get ready (QEMU started there, listening)...
+                "prepare_ms": prepared.as_millis() as u64,
+                // ...and from the first byte of memory to the guest running there.
+                "transfer_ms": (started.elapsed() - prepared).as_millis() as u64,
                 "destination": r.data,
             }))
         }
@@ -362,24 +370,57 @@ pub type Received = (
     GuestConnection,
     BTreeMap<String, ContainerRec>,
     u64,
+    MigrationReport,
 );
 
-/// Waits on `listener` for a source to send a UVM (answering Info and Stop meanwhile); an
-/// attempt that fails leaves nothing running and the wait goes on. `None`: stopped.
+/// What the last incoming migration measured (shown by `ferry uvm inspect`).
+pub type MigrationReport = Arc<std::sync::Mutex<serde_json::Value>>;
+
+/// Waits on `listener` (and on TCP with `--listen`) for a source to send a UVM, answering
+/// Info and (on the Unix socket only) Stop meanwhile; an attempt that fails leaves nothing
+/// running and the wait goes on. `None`: stopped.
 pub async fn receive(
     args: &ShimArgs,
     paths: &UvmPaths,
     root: &Path,
     listener: &UnixListener,
 ) -> Result<Option<Received>, String> {
+    let tcp = match &args.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     super::report_ready("ok");
-    tracing::info!(uvm = %args.name, "waiting for an incoming migration");
+    tracing::info!(uvm = %args.name, tcp = ?args.listen, "waiting for an incoming migration");
     loop {
-        let (stream, _) = listener
-            .accept()
-            .await
-            .map_err(|e| format!("control accept: {e}"))?;
-        let (r, mut w) = stream.into_split();
+        let accept_tcp = async {
+            match &tcp {
+                Some(l) => l.accept().await.map(|(s, peer)| (s, Some(peer))),
+                None => std::future::pending().await,
+            }
+        };
+        // One stream type for both: a boxed reader and writer.
+        let (r, mut w, peer): (ReadHalf, WriteHalf, Option<std::net::SocketAddr>) = tokio::select! {
+            a = listener.accept() => {
+                let (s, _) = a.map_err(|e| format!("control accept: {e}"))?;
+                let (r, w) = s.into_split();
+                (Box::pin(r), Box::pin(w), None)
+            }
+            a = accept_tcp => match a {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    let (r, w) = s.into_split();
+                    (Box::pin(r), Box::pin(w), peer)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    continue;
+                }
+            },
+        };
         let mut r = BufReader::new(r);
         let request: Request = match control::read_line(&mut r).await {
             Ok(req) => req,
@@ -400,15 +441,19 @@ pub async fn receive(
                 });
                 let _ = control::write_line(&mut w, &Reply::ok(info)).await;
             }
-            Request::Stop => {
+            // Only a local user (the Unix socket's owner) may stop the receiver.
+            Request::Stop if peer.is_none() => {
                 let _ =
                     control::write_line(&mut w, &Reply::ok(json!({"stopped": args.name}))).await;
                 return Ok(None);
             }
-            Request::Incoming(spec) => match incoming(args, paths, root, spec, r, w).await {
+            Request::Incoming(spec) => match incoming(args, paths, root, spec, r, w, peer).await {
                 Ok(Some(received)) => return Ok(Some(received)),
                 Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "incoming migration failed; waiting again"),
+                Err(Failure::Retry(e)) => {
+                    tracing::warn!(error = %e, "incoming migration failed; waiting again")
+                }
+                Err(Failure::Fatal(e)) => return Err(e),
             },
             _ => {
                 let _ = control::write_line(
@@ -422,6 +467,45 @@ pub async fn receive(
             }
         }
     }
+}
+
+/// Where this destination's QEMU listens for memory: a socket in its directory, or with TCP
+/// the `--listen` host at `--memory-port`.
+fn memory_address(
+    args: &ShimArgs,
+    paths: &UvmPaths,
+    transport: uvm::migration::MemoryTransport,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<MemoryAddress, String> {
+    use uvm::migration::MemoryTransport;
+    let tcp = match transport {
+        MemoryTransport::Tcp => true,
+        MemoryTransport::Unix => false,
+        // Unspecified: what the request came over.
+        _ => peer.is_some(),
+    };
+    if !tcp {
+        return MemoryAddress::unix(paths.dir.join("memory.sock")).map_err(|e| e.to_string());
+    }
+    let listen = args.listen.as_deref().ok_or(
+        "memory over TCP needs a destination listening on TCP (`ferry uvm receive NAME --listen HOST:PORT`)",
+    )?;
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--listen {listen}: expected HOST:PORT"))?;
+    let port = match args.memory_port {
+        Some(p) => p,
+        None => port
+            .parse::<u16>()
+            .ok()
+            .and_then(|p| p.checked_add(1))
+            .ok_or_else(|| {
+                format!("--listen {listen}: no port after it for memory; pass --memory-port")
+            })?,
+    };
+    format!("tcp:{host}:{port}")
+        .parse()
+        .map_err(|e: uvm::UvmError| e.to_string())
 }
 
 /// The image to boot: the one the source booted, from this host's cache.
@@ -464,6 +548,19 @@ fn find_image(
     Ok((k, i))
 }
 
+/// Why an incoming migration failed: before the guest ran here (nothing is left; wait for
+/// the next attempt), or after (the guest runs here without its host state: give up loudly).
+enum Failure {
+    Retry(String),
+    Fatal(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Retry(e)
+    }
+}
+
 async fn incoming<R, W>(
     args: &ShimArgs,
     paths: &UvmPaths,
@@ -471,7 +568,8 @@ async fn incoming<R, W>(
     spec: IncomingSpec,
     mut r: R,
     mut w: W,
-) -> Result<Option<Received>, String>
+    peer: Option<std::net::SocketAddr>,
+) -> Result<Option<Received>, Failure>
 where
     R: AsyncBufRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -485,22 +583,14 @@ where
         }
         let plan = QemuMigrationPlan::from_bytes(&spec.options).map_err(|e| e.to_string())?;
         let image = find_image(args, root, &spec)?;
-        let address = match plan.transport {
-            uvm::migration::MemoryTransport::Tcp => {
-                return Err(
-                    "memory over TCP needs a destination listening on TCP (not available yet); use the unix transport"
-                        .to_string(),
-                );
-            }
-            _ => MemoryAddress::unix(paths.dir.join("memory.sock")).map_err(|e| e.to_string())?,
-        };
+        let address = memory_address(args, paths, plan.transport, peer)?;
         Ok((plan, image, address))
     })();
     let (plan, (kernel, initrd), address) = match checked {
         Ok(x) => x,
         Err(e) => {
             let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
-            return Err(e);
+            return Err(Failure::Retry(e));
         }
     };
     if spec.dry_run {
@@ -520,7 +610,7 @@ where
     if let Err(e) = uvm.start_incoming(&plan, &address).await {
         let e = format!("cannot start QEMU for the incoming UVM: {e}");
         let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
-        return Err(e);
+        return Err(Failure::Retry(e));
     }
     let _ = control::write_line(&mut w, &Reply::ok(json!({"memory": address.to_string()}))).await;
 
@@ -531,9 +621,9 @@ where
     let fail = async |uvm: &mut QemuUvm, w: &mut W, e: String| {
         let _ = control::write_line(w, &Reply::error(e.clone())).await;
         let _ = uvm.stop(Duration::from_secs(1)).await;
-        Err(e)
+        Err(Failure::Retry(e))
     };
-    let snap = match (loaded, state) {
+    let mut snap = match (loaded, state) {
         (Ok(()), Ok(snap)) => snap,
         (Err(e), _) => {
             return fail(&mut uvm, &mut w, format!("the memory transfer failed: {e}")).await;
@@ -541,6 +631,8 @@ where
         (_, Err(e)) => return fail(&mut uvm, &mut w, e).await,
     };
     // Recorded before the guest runs: a crash from here on is restorable like an upgrade.
+    snap.uvm.agent_pid = uvm.properties().pid.unwrap_or_default();
+    snap.uvm.qemu = Some(super::backend::qemu_state(&uvm));
     if let Err(e) = snapshot::write(&paths.dir.join("snapshot"), &snap) {
         return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;
     }
@@ -548,45 +640,80 @@ where
         return fail(&mut uvm, &mut w, format!("cannot resume the UVM: {e}")).await;
     }
     let resumed = Instant::now();
-    // From here on the guest runs here: never tell the source to resume.
-    let transport = match uvm.open_migrated_channel().await {
-        Ok(t) => t,
-        Err(e) => {
-            let e = format!("the UVM runs here but its channel failed: {e}");
-            let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
-            return Err(e);
-        }
-    };
-    let restored =
-        restore::reattach_snapshot(snap, restore::Found::Qemu(Box::new(uvm), transport)).await;
-    let (backend, conn, containers, log_limit) = match restored {
-        Ok(x) => x,
-        Err(e) => {
-            let e = format!("the UVM runs here but restoring its host state failed: {e}");
-            let _ = control::write_line(&mut w, &Reply::error(e.clone())).await;
-            return Err(e);
-        }
-    };
+    // The guest runs here now, and only here: the source may let go of its copy. The rest
+    // (reconnecting, restoring the host state) is the blackout ferry adds, timed below.
     let mut dest_events = Vec::new();
     while let Ok(ev) = rx.try_recv() {
         dest_events.push(ev);
     }
+    let _ = control::write_line(
+        &mut w,
+        &Reply::ok(json!({"resumed": true, "events": dest_events})),
+    )
+    .await;
+    let after_resume = |e: String| {
+        Failure::Fatal(format!(
+            "the UVM runs here but {e}; its QEMU is left running: take it over with \
+             `ferry uvm restore {}`",
+            paths.dir.join("snapshot").display()
+        ))
+    };
+    let transport = uvm
+        .open_migrated_channel()
+        .await
+        .map_err(|e| after_resume(format!("its channel failed: {e}")))?;
+    let (backend, conn, containers, log_limit) =
+        restore::reattach_snapshot(snap, restore::Found::Qemu(Box::new(uvm), transport))
+            .await
+            .map_err(|e| after_resume(format!("restoring its host state failed: {e}")))?;
     let reconnect_ms = resumed.elapsed().as_millis() as u64;
     tracing::info!(
         reconnect_ms,
         containers = containers.len(),
         "migrated UVM restored"
     );
-    let _ = control::write_line(
-        &mut w,
-        &Reply::ok(json!({
-            "restored": containers.len(),
-            "reconnect_ms": reconnect_ms,
-            "events": dest_events,
-        })),
-    )
-    .await;
-    Ok(Some((backend, conn, containers, log_limit)))
+    let report = Arc::new(std::sync::Mutex::new(json!({
+        "from_resume_to_restored_ms": reconnect_ms,
+    })));
+    tokio::spawn(time_first_output(&containers, resumed, report.clone()));
+    Ok(Some((backend, conn, containers, log_limit, report)))
+}
+
+/// How long after the guest resumed here each running process's output flowed again (the
+/// blackout ferry adds to QEMU's), for `ferry uvm inspect` and the benchmarks. Processes
+/// that print nothing within a while are left out.
+fn time_first_output(
+    containers: &BTreeMap<String, ContainerRec>,
+    resumed: Instant,
+    report: MigrationReport,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let logs: Vec<(String, u32, Arc<output::OutputLog>)> = containers
+        .values()
+        .flat_map(|c| c.procs.values())
+        .filter(|p| p.exit_state().is_none())
+        .filter_map(|p| Some((p.container.clone(), p.pid, p.stdout.clone()?)))
+        .collect();
+    async move {
+        let mut firsts = Vec::new();
+        for (container, pid, log) in logs {
+            let offset = log.progress().written;
+            let waited = tokio::time::timeout(Duration::from_secs(10), log.wait_beyond(offset));
+            if waited.await.is_ok() && !log.progress().done {
+                firsts.push(json!({
+                    "container": container,
+                    "pid": pid,
+                    "first_output_ms": resumed.elapsed().as_millis() as u64,
+                }));
+            }
+        }
+        let worst = firsts
+            .iter()
+            .filter_map(|f| f["first_output_ms"].as_u64())
+            .max();
+        let mut r = report.lock().unwrap_or_else(|p| p.into_inner());
+        r["first_output"] = json!(firsts);
+        r["added_blackout_ms"] = json!(worst);
+    }
 }
 
 /// Reads the source's state: the snapshot (made to describe this host's directory) and the

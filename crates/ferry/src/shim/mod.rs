@@ -37,6 +37,8 @@ pub struct Shim {
     pub uvm: tokio::sync::Mutex<Backend>,
     /// Which backend `uvm` is (fixed for the shim's life; readable without the lock).
     pub kind: BackendKind,
+    /// What the migration that brought the UVM here measured.
+    pub last_migration: Option<migrate::MigrationReport>,
     pub containers: Mutex<BTreeMap<String, ContainerRec>>,
     /// Container ids being created right now (so two runs cannot race for one id).
     pub creating: Mutex<HashSet<String>>,
@@ -133,9 +135,13 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
         UnixListener::bind(&control).map_err(|e| format!("bind {}: {e}", control.display()))?;
     std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("chmod {}: {e}", control.display()))?;
+    let mut last_migration = None;
     let (uvm, conn, containers, saved_limit) = match &args.restore {
         None if args.incoming => match migrate::receive(&args, &paths, &root, &listener).await? {
-            Some((uvm, conn, containers, limit)) => (uvm, conn, containers, Some(limit)),
+            Some((uvm, conn, containers, limit, report)) => {
+                last_migration = Some(report);
+                (uvm, conn, containers, Some(limit))
+            }
             None => return Ok(()),
         },
         None => {
@@ -163,6 +169,7 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
         conn,
         uvm: tokio::sync::Mutex::new(uvm),
         kind,
+        last_migration,
         containers: Mutex::new(containers),
         creating: Mutex::new(HashSet::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),

@@ -149,6 +149,7 @@ async fn info(shim: &Shim) -> Outcome {
             "shim_pid": std::process::id(),
             "guest": {"exit_records": caps.ferry_exit_records, "protocol": 4},
             "containers": containers,
+            "last_migration": shim.last_migration.as_ref().map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone()),
         }),
         None,
     ))

@@ -369,6 +369,15 @@ impl OutputLog {
         *self.progress.borrow()
     }
 
+    /// Resolves once more than `offset` bytes are in the log (or the stream has ended).
+    pub async fn wait_beyond(&self, offset: u64) {
+        let _ = self
+            .progress
+            .subscribe()
+            .wait_for(|p| p.written > offset || p.done)
+            .await;
+    }
+
     /// Resolves once the stream has ended and everything is in the file.
     pub async fn finished(&self) {
         let _ = self.progress.subscribe().wait_for(|p| p.done).await;

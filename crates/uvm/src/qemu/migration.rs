@@ -283,8 +283,12 @@ impl QemuUvm {
                 }
                 _ => {}
             }
+            let Some(qmp) = self.qmp.as_mut() else {
+                return Err(UvmError::NotRunning);
+            };
+            // Polled, and cut short by QEMU's news of a status change.
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = qmp.next_event_within(POLL, is_migration) => {}
                 _ = wait_exit(exit.clone()) => {}
             }
         };
@@ -573,6 +577,11 @@ async fn wait_exit_soon(exit: &watch::Receiver<Option<String>>) -> Option<String
 
 /// The source's side of the transfer: from `migrate` to `completed` (QEMU's downtime, ms)
 /// or to the reason it was abandoned.
+/// QEMU's report of a migration status change (with the `events` capability).
+fn is_migration(e: &Value) -> bool {
+    e["event"] == "MIGRATION"
+}
+
 async fn transfer(
     qmp: &mut Qmp,
     plan: &QemuMigrationPlan,
@@ -719,7 +728,8 @@ async fn transfer(
             POLL
         };
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            // Polled, and cut short by QEMU's news of a status change.
+            _ = qmp.next_event_within(wait, is_migration) => {}
             r = cancel.changed(), if cancel_open => {
                 // A dropped sender can no longer cancel.
                 if r.is_err() {
