@@ -5,7 +5,7 @@ use crate::paths::{self, UvmPaths};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use tokio::io::{AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -160,18 +160,50 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
     // thread, and Rust's std stdout is line-buffered; both cost throughput here.
     let mut stdout = raw_fd(1);
     let mut stderr = raw_fd(2);
+    let mut splice = stdout_is_blocking_pipe();
     let mut data = Vec::with_capacity(control::MAX_PAYLOAD);
     let result = loop {
-        match control::read_frame_into(&mut r, &mut data).await {
-            Ok(Some(tag::STDOUT)) => {
-                if stdout.write_all(&data).is_err() {
-                    break Err("stdout closed".to_string());
-                }
+        let mut head = [0u8; 5];
+        // With splicing, headers are read past the buffer (which then stays empty), so that
+        // the payloads can go from the socket to stdout without passing through here.
+        let got = if splice {
+            read_unbuffered(&mut r, &mut head).await
+        } else {
+            r.read_exact(&mut head).await.map(|_| ())
+        };
+        match got {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(None),
+            Err(e) => break Err(format!("lost the connection to the shim: {e}")),
+        }
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > control::MAX_PAYLOAD {
+            break Err(format!(
+                "lost the connection to the shim: control frame of {len} bytes exceeds {}",
+                control::MAX_PAYLOAD
+            ));
+        }
+        if head[0] == tag::STDOUT {
+            match stdout_payload(&mut r, len, &mut stdout, &mut splice).await {
+                Ok(()) => continue,
+                Err(Fail::Stdout) => break Err("stdout closed".to_string()),
+                Err(Fail::Shim(e)) => break Err(format!("lost the connection to the shim: {e}")),
             }
-            Ok(Some(tag::STDERR)) => {
+        }
+        data.resize(len, 0);
+        let got = if splice {
+            read_unbuffered(&mut r, &mut data).await
+        } else {
+            r.read_exact(&mut data).await.map(|_| ())
+        };
+        if let Err(e) = got {
+            break Err(format!("lost the connection to the shim: {e}"));
+        }
+        match head[0] {
+            tag::STDERR => {
                 let _ = stderr.write_all(&data);
             }
-            Ok(Some(tag::DROPPED)) if data.len() == 8 => {
+            tag::DROPPED if data.len() == 8 => {
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&data);
                 eprintln!(
@@ -179,21 +211,131 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
                     u64::from_le_bytes(n)
                 );
             }
-            Ok(Some(tag::EXIT)) if data.len() == 4 => {
+            tag::EXIT if data.len() == 4 => {
                 break Ok(Some(i32::from_le_bytes([
                     data[0], data[1], data[2], data[3],
                 ])));
             }
-            Ok(Some(tag::ERROR)) => break Err(String::from_utf8_lossy(&data).into_owned()),
-            Ok(Some(t)) => break Err(format!("unexpected frame {t} from the shim")),
-            Ok(None) => break Ok(None),
-            Err(e) => break Err(format!("lost the connection to the shim: {e}")),
+            tag::ERROR => break Err(String::from_utf8_lossy(&data).into_owned()),
+            t => break Err(format!("unexpected frame {t} from the shim")),
         }
     };
     for t in tasks {
         t.abort();
     }
     result
+}
+
+enum Fail {
+    Stdout,
+    Shim(std::io::Error),
+}
+
+/// Whether our stdout is a pipe in blocking mode: then output can be spliced into it.
+fn stdout_is_blocking_pipe() -> bool {
+    use nix::sys::stat::{SFlag, fstat};
+    let stdout = std::io::stdout();
+    let is_pipe = fstat(&stdout)
+        .map(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO)
+        .unwrap_or(false);
+    let blocking = nix::fcntl::fcntl(&stdout, nix::fcntl::FcntlArg::F_GETFL)
+        .map(|fl| {
+            !nix::fcntl::OFlag::from_bits_truncate(fl).contains(nix::fcntl::OFlag::O_NONBLOCK)
+        })
+        .unwrap_or(false);
+    is_pipe && blocking
+}
+
+/// Fills `buf` from what `r` has buffered, then straight from the socket, leaving the buffer
+/// empty.
+async fn read_unbuffered(r: &mut BufReader<OwnedReadHalf>, buf: &mut [u8]) -> std::io::Result<()> {
+    let have = r.buffer().len().min(buf.len());
+    buf[..have].copy_from_slice(&r.buffer()[..have]);
+    r.consume(have);
+    r.get_mut().read_exact(&mut buf[have..]).await?;
+    Ok(())
+}
+
+/// Copies a standard-output frame's payload (`len` bytes) to our stdout: what is buffered,
+/// then, with `splice`, straight from the socket into the pipe (the kernel moves the pages;
+/// no copy through this process), otherwise from the read buffer.
+async fn stdout_payload(
+    r: &mut BufReader<OwnedReadHalf>,
+    mut len: usize,
+    stdout: &mut std::fs::File,
+    splice: &mut bool,
+) -> Result<(), Fail> {
+    while len > 0 {
+        if *splice && r.buffer().is_empty() {
+            match splice_to_stdout(r.get_ref(), len).await {
+                Ok(n) => {
+                    len -= n;
+                    continue;
+                }
+                // Not possible on this pipe after all: copy from now on.
+                Err(SpliceError::Unsupported) => *splice = false,
+                Err(SpliceError::Stdout) => return Err(Fail::Stdout),
+                Err(SpliceError::Socket(e)) => return Err(Fail::Shim(e)),
+            }
+        }
+        let buf = r.fill_buf().await.map_err(Fail::Shim)?;
+        if buf.is_empty() {
+            return Err(Fail::Shim(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        let n = buf.len().min(len);
+        stdout.write_all(&buf[..n]).map_err(|_| Fail::Stdout)?;
+        r.consume(n);
+        len -= n;
+    }
+    Ok(())
+}
+
+enum SpliceError {
+    Unsupported,
+    Stdout,
+    Socket(std::io::Error),
+}
+
+/// Moves up to `len` bytes from the socket into stdout (a blocking pipe: a full pipe waits, as
+/// a write would); returns how many.
+async fn splice_to_stdout(sock: &OwnedReadHalf, len: usize) -> Result<usize, SpliceError> {
+    let sock: &tokio::net::UnixStream = sock.as_ref();
+    loop {
+        let r = sock.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: splice between two descriptors we hold open; no memory is passed.
+            let n = unsafe {
+                libc::splice(
+                    sock.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    1,
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_MOVE,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(0) => {
+                return Err(SpliceError::Socket(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                sock.readable().await.map_err(SpliceError::Socket)?;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(SpliceError::Unsupported);
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err(SpliceError::Stdout),
+            Err(e) => return Err(SpliceError::Socket(e)),
+        }
+    }
 }
 
 /// A standard descriptor as a File that is never closed.

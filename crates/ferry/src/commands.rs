@@ -482,15 +482,26 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
             .await
             .ok()
             .map(|(d, _)| d);
+        let dir = UvmPaths::new(root, &name).dir;
         rows.push(match info {
             Some(d) => serde_json::json!({
                 "name": name,
-                "status": if d["uvm"]["paused"].as_bool() == Some(true) { "paused" } else { "running" },
+                "status": match (d["uvm"]["running"].as_bool(), d["uvm"]["paused"].as_bool()) {
+                    (Some(false), _) => "waiting",
+                    (_, Some(true)) => "paused",
+                    _ => "running",
+                },
                 "backend": d["uvm"]["backend"],
                 "pid": d["uvm"]["pid"],
                 "containers": d["containers"].as_array().map(|a| a.len()).unwrap_or(0),
             }),
-            None => serde_json::json!({"name": name, "status": "stopped", "backend": "local", "pid": null, "containers": 0}),
+            // A UVM that left by live migration says where to.
+            None => match std::fs::read_to_string(dir.join("migrated")) {
+                Ok(to) => serde_json::json!({"name": name, "status": "migrated", "backend": "qemu",
+                    "pid": null, "containers": 0, "to": to.trim()}),
+                Err(_) => serde_json::json!({"name": name, "status": "stopped", "backend": "-",
+                    "pid": null, "containers": 0}),
+            },
         });
     }
     if json {

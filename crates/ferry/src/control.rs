@@ -191,6 +191,35 @@ pub async fn read_line<R: AsyncBufRead + Unpin, T: serde::de::DeserializeOwned>(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// A frame's header.
+pub fn frame_head(tag: u8, len: usize) -> [u8; 5] {
+    debug_assert!(len <= MAX_PAYLOAD);
+    let mut head = [0u8; 5];
+    head[0] = tag;
+    head[1..].copy_from_slice(&(len as u32).to_le_bytes());
+    head
+}
+
+/// Writes all of `bufs` (several frames, say) with as few system calls as the writer allows.
+pub async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    std::io::IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = if w.is_write_vectored() {
+            w.write_vectored(bufs).await?
+        } else {
+            w.write(&bufs[0]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     tag: u8,

@@ -72,6 +72,37 @@ impl OutputPipe {
     }
 }
 
+impl OutputPipe {
+    /// Like [`OutputPipe::copy_to`], reading straight into a sink's space (no copy between).
+    pub async fn copy_into<S: resumable::SpaceSink + ?Sized>(
+        self,
+        sink: &mut S,
+    ) -> io::Result<u64> {
+        match self {
+            OutputPipe::Raw(mut s) => {
+                let mut total = 0;
+                loop {
+                    match resumable::read_into(&mut s, sink, usize::MAX).await? {
+                        0 => break,
+                        n => total += n as u64,
+                    }
+                }
+                sink.flush()?;
+                Ok(total)
+            }
+            OutputPipe::Resumable {
+                listener,
+                first,
+                received,
+            } => {
+                let mut receiver = Receiver::new(received);
+                receiver.run_into(connector(listener, first), sink).await?;
+                Ok(receiver.received())
+            }
+        }
+    }
+}
+
 /// A process's stdin.
 pub enum InputPipe {
     Raw(BoxStream),

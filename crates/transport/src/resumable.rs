@@ -18,12 +18,13 @@
 //! nothing a process wrote or was sent.
 
 use crate::BoxStream;
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::Notify;
 
 /// Largest data frame.
@@ -35,6 +36,10 @@ const ACK_EVERY: u64 = 256 * 1024;
 /// A sender puts up to this much into one write (several frames), so a fast stream costs few
 /// system calls and wakeups on both sides.
 const SEND_BATCH: usize = 4 * MAX_CHUNK;
+/// Data frames in one batch.
+const BATCH_FRAMES: usize = SEND_BATCH / MAX_CHUNK;
+/// A sender's window starts this small and grows (up to its bound) only when it fills.
+const FIRST_WINDOW: usize = 64 * 1024;
 /// How long the peer may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -152,10 +157,121 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>
 // ---------------------------------------------------------------------------------------------
 // Sending
 
-#[derive(Default)]
+/// Unacknowledged bytes, in a ring: the producer reads into it and the connection writes
+/// frames from it, with no copy in between. It grows (up to the window) only when full, so a
+/// quiet stream keeps a small buffer.
+struct Window {
+    /// The ring; its length is its capacity.
+    buf: Vec<u8>,
+    /// Where the oldest byte is.
+    head: usize,
+    len: usize,
+    max: usize,
+}
+
+impl Window {
+    fn new(max: usize, pending: Vec<u8>) -> Window {
+        let len = pending.len();
+        let mut buf = pending;
+        buf.resize(FIRST_WINDOW.min(max).max(len).max(1), 0);
+        Window {
+            buf,
+            head: 0,
+            len,
+            max,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Doubles the ring (up to the window), oldest byte first.
+    fn grow(&mut self) {
+        let cap = (self.buf.len() * 2).min(self.max.max(self.len));
+        let mut bigger = Vec::with_capacity(cap);
+        let (a, b) = self.slices(0, self.len);
+        bigger.extend_from_slice(a);
+        bigger.extend_from_slice(b);
+        bigger.resize(cap, 0);
+        self.buf = bigger;
+        self.head = 0;
+    }
+
+    /// Contiguous room for the next bytes (empty when the window is full).
+    fn space(&mut self) -> &mut [u8] {
+        if self.len == self.buf.len() && self.buf.len() < self.max {
+            self.grow();
+        }
+        let cap = self.buf.len();
+        if self.len == cap {
+            return &mut [];
+        }
+        let tail = (self.head + self.len) % cap;
+        if tail >= self.head {
+            &mut self.buf[tail..]
+        } else {
+            &mut self.buf[tail..self.head]
+        }
+    }
+
+    /// The first `n` bytes of the last [`Window::space`] hold new data.
+    fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Copies as much of `data` as fits; returns how much.
+    fn extend(&mut self, data: &[u8]) -> usize {
+        let mut done = 0;
+        while done < data.len() {
+            let space = self.space();
+            let n = space.len().min(data.len() - done);
+            if n == 0 {
+                break;
+            }
+            space[..n].copy_from_slice(&data[done..done + n]);
+            self.commit(n);
+            done += n;
+        }
+        done
+    }
+
+    /// Drops the oldest `n` bytes.
+    fn consume(&mut self, n: usize) {
+        self.len -= n;
+        self.head = if self.len == 0 {
+            // Empty: start over at the beginning, so the next read gets the whole ring.
+            0
+        } else {
+            (self.head + n) % self.buf.len()
+        };
+    }
+
+    /// Bytes `from..from + n` (counted from the oldest), in at most two pieces.
+    fn slices(&self, from: usize, n: usize) -> (&[u8], &[u8]) {
+        debug_assert!(from + n <= self.len);
+        let cap = self.buf.len();
+        let start = (self.head + from) % cap;
+        if start + n <= cap {
+            (&self.buf[start..start + n], &[])
+        } else {
+            (&self.buf[start..], &self.buf[..n - (cap - start)])
+        }
+    }
+
+    fn to_vec(&self) -> Vec<u8> {
+        let (a, b) = self.slices(0, self.len);
+        [a, b].concat()
+    }
+}
+
 struct SendState {
-    /// Unacknowledged bytes; `buf[0]` is stream offset `acked`.
-    buf: VecDeque<u8>,
+    /// Unacknowledged bytes; the oldest is stream offset `acked`.
+    buf: Window,
     acked: u64,
     /// The producer has finished.
     finished: bool,
@@ -179,9 +295,18 @@ impl SendState {
                 self.written()
             )));
         }
-        self.buf.drain(..(received - self.acked) as usize);
+        self.buf.consume((received - self.acked) as usize);
         self.acked = received;
         Ok(())
+    }
+
+    /// The error a producer gets once it may not write any more.
+    fn closed(&self) -> Option<io::Error> {
+        if let Some(why) = &self.aborted {
+            return Some(io::Error::new(io::ErrorKind::BrokenPipe, why.clone()));
+        }
+        self.finished
+            .then(|| io::Error::new(io::ErrorKind::BrokenPipe, "stream already finished"))
     }
 }
 
@@ -226,17 +351,19 @@ pub fn sender_resuming(
     pending: Vec<u8>,
     finished: bool,
 ) -> (Sender, SenderDriver) {
+    let window = window.max(1);
     let state = SendState {
-        buf: pending.into(),
+        buf: Window::new(window, pending),
         acked,
         finished,
-        ..SendState::default()
+        done: false,
+        aborted: None,
     };
     let shared = Arc::new(SendShared {
         state: Mutex::new(state),
         more: Notify::new(),
         room: Notify::new(),
-        window: window.max(1),
+        window,
     });
     (
         Sender {
@@ -247,36 +374,82 @@ pub fn sender_resuming(
 }
 
 impl Sender {
-    /// Queues all of `data`, waiting for room in the window as needed.
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
+    /// Waits until the window has room (or the stream cannot take more).
+    async fn room(&self) -> io::Result<()> {
+        loop {
             let room = self.shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             {
-                let mut st = self.shared.lock();
-                if let Some(why) = &st.aborted {
-                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, why.clone()));
+                let st = self.shared.lock();
+                if let Some(e) = st.closed() {
+                    return Err(e);
                 }
-                if st.finished {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "stream already finished",
-                    ));
-                }
-                let free = self.shared.window.saturating_sub(st.buf.len());
-                if free > 0 {
-                    let n = free.min(data.len());
-                    st.buf.extend(&data[..n]);
-                    data = &data[n..];
-                    drop(st);
-                    self.shared.more.notify_one();
-                    continue;
+                if st.buf.len() < self.shared.window {
+                    return Ok(());
                 }
             }
             room.await;
         }
+    }
+
+    /// Queues all of `data`, waiting for room in the window as needed.
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            self.room().await?;
+            let n = {
+                let mut st = self.shared.lock();
+                if let Some(e) = st.closed() {
+                    return Err(e);
+                }
+                st.buf.extend(data)
+            };
+            data = &data[n..];
+            if n > 0 {
+                self.shared.more.notify_one();
+            }
+        }
         Ok(())
+    }
+
+    /// Reads once from `from` straight into the window, waiting for room first; returns how
+    /// many bytes it queued, 0 at `from`'s end. Saves the copy [`Sender::write_all`] makes.
+    pub async fn read_from<R: AsyncRead + Unpin + ?Sized>(
+        &self,
+        from: &mut R,
+    ) -> io::Result<usize> {
+        loop {
+            self.room().await?;
+            let n = std::future::poll_fn(|cx| {
+                // The lock is held only for one non-blocking read.
+                let mut st = self.shared.lock();
+                if let Some(e) = st.closed() {
+                    return Poll::Ready(Err(e));
+                }
+                let space = st.buf.space();
+                if space.is_empty() {
+                    // Another producer filled the window: wait for room again.
+                    return Poll::Ready(Ok(None));
+                }
+                let mut rb = ReadBuf::new(space);
+                match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        st.buf.commit(n);
+                        Poll::Ready(Ok(Some(n)))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await?;
+            if let Some(n) = n {
+                if n > 0 {
+                    self.shared.more.notify_one();
+                }
+                return Ok(n);
+            }
+        }
     }
 
     /// Marks the end of the stream (after everything written so far).
@@ -295,13 +468,151 @@ impl Sender {
     /// state elsewhere).
     pub fn pending(&self) -> (u64, Vec<u8>) {
         let st = self.shared.lock();
-        (st.acked, st.buf.iter().copied().collect())
+        (st.acked, st.buf.to_vec())
     }
 
     /// Whether the end of the stream has been marked.
     pub fn is_finished(&self) -> bool {
         self.shared.lock().finished
     }
+}
+
+/// Where a connection stands in the frames it sends: `cursor` bytes of the stream are on the
+/// wire, and the frame in progress still owes some header and payload bytes (a socket may take
+/// part of a write).
+#[derive(Default)]
+struct Outgoing {
+    cursor: u64,
+    head: [u8; 5],
+    head_left: usize,
+    frame_left: usize,
+    /// For a writer without vectored writes: the batch copied into one buffer, kept until it
+    /// is all written (a write that is refused must not cost a new copy).
+    flat: Vec<u8>,
+    flat_off: usize,
+    /// Frames of the copied batch not yet started.
+    flat_lens: Vec<usize>,
+}
+
+impl Outgoing {
+    /// Lengths of the new data frames the next write starts, given `unsent` bytes after the
+    /// frame in progress.
+    fn plan(&self, unsent: usize) -> Vec<usize> {
+        let mut lens = Vec::with_capacity(BATCH_FRAMES);
+        let mut budget = SEND_BATCH.saturating_sub(self.frame_left).min(unsent);
+        while budget > 0 {
+            let len = budget.min(MAX_CHUNK);
+            lens.push(len);
+            budget -= len;
+        }
+        lens
+    }
+
+    /// Accounts for `n` bytes of the planned write having gone out; returns how many of the
+    /// new frames it started.
+    fn advance(&mut self, mut n: usize, lens: &[usize]) -> usize {
+        let h = n.min(self.head_left);
+        self.head_left -= h;
+        n -= h;
+        let p = n.min(self.frame_left);
+        self.frame_left -= p;
+        self.cursor += p as u64;
+        n -= p;
+        let mut started = 0;
+        for &len in lens {
+            if n == 0 {
+                break;
+            }
+            started += 1;
+            self.head = frame_header(DATA, len);
+            let h = n.min(5);
+            self.head_left = 5 - h;
+            self.frame_left = len;
+            n -= h;
+            let p = n.min(len);
+            self.frame_left -= p;
+            self.cursor += p as u64;
+            n -= p;
+        }
+        started
+    }
+}
+
+/// Writes the next batch of data frames straight from the window (one `writev`); `None` when
+/// there is nothing to send.
+fn poll_send_batch<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    shared: &SendShared,
+    out: &mut Outgoing,
+    w: &mut W,
+) -> Poll<io::Result<Option<()>>> {
+    if out.flat_off < out.flat.len() {
+        // Finish the copied batch first.
+        let n = std::task::ready!(Pin::new(&mut *w).poll_write(cx, &out.flat[out.flat_off..]))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        out.flat_off += n;
+        let lens = std::mem::take(&mut out.flat_lens);
+        let started = out.advance(n, &lens);
+        out.flat_lens = lens[started..].to_vec();
+        return Poll::Ready(Ok(Some(())));
+    }
+    let st = shared.lock();
+    // Acks never pass what this connection sent; the cursor starts at the peer's count.
+    out.cursor = out.cursor.max(st.acked);
+    let start = (out.cursor - st.acked) as usize;
+    let lens = out.plan(st.buf.len() - start - out.frame_left);
+    if out.head_left == 0 && out.frame_left == 0 && lens.is_empty() {
+        return Poll::Ready(Ok(None));
+    }
+    let heads: Vec<[u8; 5]> = lens.iter().map(|&len| frame_header(DATA, len)).collect();
+    let head = out.head;
+    let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(3 + 3 * lens.len());
+    if out.head_left > 0 {
+        iov.push(IoSlice::new(&head[5 - out.head_left..]));
+    }
+    let mut pieces = Vec::with_capacity(1 + lens.len());
+    pieces.push(st.buf.slices(start, out.frame_left));
+    let mut pos = start + out.frame_left;
+    for &len in &lens {
+        pieces.push(st.buf.slices(pos, len));
+        pos += len;
+    }
+    for (i, (a, b)) in pieces.iter().enumerate() {
+        if i > 0 {
+            iov.push(IoSlice::new(&heads[i - 1]));
+        }
+        for piece in [a, b] {
+            if !piece.is_empty() {
+                iov.push(IoSlice::new(piece));
+            }
+        }
+    }
+    if !w.is_write_vectored() {
+        // One copy into one write, as a writer that takes one buffer at a time would
+        // otherwise send each header on its own.
+        out.flat.clear();
+        for piece in &iov {
+            out.flat.extend_from_slice(piece);
+        }
+        out.flat_off = 0;
+        drop(iov);
+        drop(pieces);
+        drop(st);
+        let started = out.advance(0, &lens);
+        out.flat_lens = lens[started..].to_vec();
+        return poll_send_batch(cx, shared, out, w);
+    }
+    let n = std::task::ready!(Pin::new(&mut *w).poll_write_vectored(cx, &iov))?;
+    if n == 0 {
+        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    }
+    drop(iov);
+    drop(pieces);
+    drop(st);
+    out.advance(n, &lens);
+    Poll::Ready(Ok(Some(())))
 }
 
 impl SenderDriver {
@@ -350,7 +661,7 @@ impl SenderDriver {
             ..Hello::default()
         };
         let peer = exchange_hello(&mut s, mine).await?;
-        let mut cursor = {
+        let cursor = {
             let mut st = self.shared.lock();
             st.ack(peer.received)?;
             if peer.eof {
@@ -400,41 +711,26 @@ impl SenderDriver {
         let shared = self.shared.clone();
         let sends = async move {
             let mut end_sent = false;
-            // Reused for every write: up to SEND_BATCH bytes of frames.
-            let mut out = Vec::with_capacity(SEND_BATCH + 5 * (SEND_BATCH / MAX_CHUNK + 1));
+            let mut out = Outgoing {
+                cursor,
+                ..Outgoing::default()
+            };
             loop {
                 let more = shared.more.notified();
                 tokio::pin!(more);
                 more.as_mut().enable();
+                let sent =
+                    std::future::poll_fn(|cx| poll_send_batch(cx, &shared, &mut out, &mut w))
+                        .await?;
+                if sent.is_some() {
+                    w.flush().await?;
+                    continue;
+                }
                 let send_end = {
                     let st = shared.lock();
-                    // Acks may have moved past the cursor (never beyond what was sent).
-                    cursor = cursor.max(st.acked);
-                    let start = (cursor - st.acked) as usize;
-                    out.clear();
-                    let n = (st.buf.len() - start).min(SEND_BATCH);
-                    let (a, b) = st.buf.as_slices();
-                    let mut pos = start;
-                    while pos < start + n {
-                        let len = (start + n - pos).min(MAX_CHUNK);
-                        out.extend_from_slice(&frame_header(DATA, len));
-                        // The frame's bytes may straddle the deque's two slices.
-                        let (from, to) = (pos, pos + len);
-                        if from < a.len() {
-                            out.extend_from_slice(&a[from..to.min(a.len())]);
-                        }
-                        if to > a.len() {
-                            out.extend_from_slice(&b[from.max(a.len()) - a.len()..to - a.len()]);
-                        }
-                        pos = to;
-                    }
-                    cursor += n as u64;
-                    n == 0 && st.finished && !end_sent
+                    st.finished && !end_sent && out.cursor == st.written()
                 };
-                if !out.is_empty() {
-                    w.write_all(&out).await?;
-                    w.flush().await?;
-                } else if send_end {
+                if send_end {
                     write_frame(&mut w, END, &[]).await?;
                     end_sent = true;
                 } else {
@@ -500,6 +796,23 @@ impl Receiver {
         sink.flush().await
     }
 
+    /// Exchanges hellos on a new connection; returns how often to acknowledge, and whether
+    /// also whenever the sender pauses.
+    async fn hello(&self, s: &mut BoxStream) -> io::Result<(u64, bool)> {
+        let hello = Hello {
+            received: self.received,
+            eof: self.eof,
+            ack_hint_kib: 0,
+        };
+        let peer = exchange_hello(s, hello).await?;
+        // A sender that gave a hint gets acknowledgements that often (it never waits for more
+        // than half its window); one that did not, whenever it pauses as well.
+        Ok(match peer.ack_hint_kib {
+            0 => (ACK_EVERY, true),
+            kib => (ACK_EVERY.min(u64::from(kib) * 1024), false),
+        })
+    }
+
     /// One connection: bytes go to `sink` and are acknowledged once written there and the
     /// sink flushed (a sink that records its progress durably does so on flush).
     pub async fn serve<W: AsyncWrite + Unpin>(
@@ -507,18 +820,7 @@ impl Receiver {
         mut s: BoxStream,
         sink: &mut W,
     ) -> io::Result<()> {
-        let hello = Hello {
-            received: self.received,
-            eof: self.eof,
-            ack_hint_kib: 0,
-        };
-        let peer = exchange_hello(&mut s, hello).await?;
-        // A sender that gave a hint gets acknowledgements that often (it never waits for more
-        // than half its window); one that did not, whenever it pauses as well.
-        let (ack_every, ack_on_pause) = match peer.ack_hint_kib {
-            0 => (ACK_EVERY, true),
-            kib => (ACK_EVERY.min(u64::from(kib) * 1024), false),
-        };
+        let (ack_every, ack_on_pause) = self.hello(&mut s).await?;
         let (r, mut w) = tokio::io::split(s);
         let mut r = tokio::io::BufReader::with_capacity(2 * MAX_CHUNK, r);
         let mut acked = self.received;
@@ -574,6 +876,142 @@ impl Receiver {
     }
 }
 
+/// A sink that a receiver fills in place: [`Receiver::run_into`] reads the stream's bytes
+/// straight into the space it offers, with no buffer in between (a memory-mapped log, say).
+pub trait SpaceSink {
+    /// Room for the next bytes (not empty when ready); pending until there is some.
+    fn poll_space(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut [u8]>>;
+    /// The first `n` bytes of the space last offered hold the stream's next bytes.
+    fn commit(&mut self, n: usize) -> io::Result<()>;
+    /// Makes everything committed safe enough to be acknowledged (the sender drops it).
+    fn flush(&mut self) -> io::Result<()>;
+    /// Nothing more is coming right now (a sink that tells others about new bytes in batches
+    /// does so now).
+    fn idle(&mut self) {}
+}
+
+/// Reads once from `from` into `sink`'s space, at most `limit` bytes; returns how many (0 at
+/// the end of `from`). What is read is committed before returning.
+pub async fn read_into<R: AsyncRead + Unpin + ?Sized, S: SpaceSink + ?Sized>(
+    from: &mut R,
+    sink: &mut S,
+    limit: usize,
+) -> io::Result<usize> {
+    let n = std::future::poll_fn(|cx| {
+        let space = std::task::ready!(sink.poll_space(cx))?;
+        let want = space.len().min(limit);
+        let mut rb = ReadBuf::new(&mut space[..want]);
+        match Pin::new(&mut *from).poll_read(cx, &mut rb) {
+            Poll::Ready(r) => Poll::Ready(r.map(|()| rb.filled().len())),
+            Poll::Pending => {
+                sink.idle();
+                Poll::Pending
+            }
+        }
+    })
+    .await?;
+    if n > 0 {
+        sink.commit(n)?;
+    }
+    Ok(n)
+}
+
+impl Receiver {
+    /// Like [`Receiver::run`], reading straight into a [`SpaceSink`].
+    pub async fn run_into<F, Fut, S>(&mut self, mut connect: F, sink: &mut S) -> io::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = io::Result<BoxStream>>,
+        S: SpaceSink + ?Sized,
+    {
+        while !self.eof {
+            let stream = connect().await?;
+            match self.serve_into(stream, sink).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "resumable stream connection broke; reconnecting")
+                }
+            }
+        }
+        sink.flush()
+    }
+
+    /// Like [`Receiver::serve`], reading straight into a [`SpaceSink`]: each frame's header,
+    /// then its payload into the sink's space (no read buffer, so one copy fewer).
+    pub async fn serve_into<S: SpaceSink + ?Sized>(
+        &mut self,
+        mut s: BoxStream,
+        sink: &mut S,
+    ) -> io::Result<()> {
+        let (ack_every, ack_on_pause) = self.hello(&mut s).await?;
+        let (mut r, mut w) = tokio::io::split(s);
+        let mut acked = self.received;
+        while !self.eof {
+            // Waiting for the next frame is a pause too: the sink hears of it.
+            let head = read_frame(&mut IdleOnPending {
+                r: &mut r,
+                sink: &mut *sink,
+            })
+            .await?;
+            match head {
+                Some(Frame::Data(mut left)) => {
+                    while left > 0 {
+                        // Counted as committed: bytes the sink took must not come again.
+                        let n = read_into(&mut r, sink, left).await?;
+                        if n == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "connection closed inside a data frame",
+                            ));
+                        }
+                        left -= n;
+                        self.received += n as u64;
+                    }
+                }
+                Some(Frame::End) => self.eof = true,
+                Some(Frame::Ack { .. }) => return Err(protocol("ack sent to a receiver".into())),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed",
+                    ));
+                }
+            }
+            // Without a read buffer there is no peeking at whether the sender paused: a sender
+            // without a hint gets an acknowledgement per frame (only tiny windows give none).
+            if self.eof || ack_on_pause || self.received - acked >= ack_every {
+                // What is acknowledged must be safe in the sink first: the sender drops it.
+                sink.flush()?;
+                write_ack(&mut w, self.received, self.eof).await?;
+                acked = self.received;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A reader that tells a sink when it has to wait ([`SpaceSink::idle`]).
+struct IdleOnPending<'a, R, S: ?Sized> {
+    r: &'a mut R,
+    sink: &'a mut S,
+}
+
+impl<R: AsyncRead + Unpin, S: SpaceSink + ?Sized> AsyncRead for IdleOnPending<'_, R, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let r = Pin::new(&mut *this.r).poll_read(cx, buf);
+        if r.is_pending() {
+            this.sink.idle();
+        }
+        r
+    }
+}
+
 /// True when more bytes can be read right now without waiting.
 async fn more_waiting<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> bool {
     std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *r).poll_fill_buf(cx) {
@@ -595,6 +1033,8 @@ mod tests {
     struct Flaky {
         inner: tokio::io::DuplexStream,
         budget: usize,
+        /// Takes several buffers per write (as a socket does), possibly only part of them.
+        vectored: bool,
     }
 
     impl AsyncRead for Flaky {
@@ -623,6 +1063,21 @@ mod tests {
             }
             r
         }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            // Up to 3000 bytes across the buffers: writes end mid-header and mid-payload.
+            let mut flat = Vec::new();
+            for b in bufs {
+                flat.extend_from_slice(&b[..b.len().min(3000 - flat.len())]);
+            }
+            self.poll_write(cx, &flat)
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
         fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
             Pin::new(&mut self.inner).poll_flush(cx)
         }
@@ -635,9 +1090,54 @@ mod tests {
         (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
     }
 
+    /// How a transfer's ends work.
+    #[derive(Clone, Copy, Default)]
+    struct Mode {
+        /// The sender writes vectored (frames straight from the window).
+        vectored: bool,
+        /// The producer reads into the window ([`Sender::read_from`]).
+        read_from: bool,
+        /// The receiver reads into a [`SpaceSink`].
+        direct: bool,
+    }
+
+    /// A sink that offers space of changing, small sizes.
+    #[derive(Default)]
+    struct Chunky {
+        got: Vec<u8>,
+        space: Vec<u8>,
+        flushed: usize,
+    }
+
+    impl SpaceSink for Chunky {
+        fn poll_space(&mut self, _: &mut Context<'_>) -> Poll<io::Result<&mut [u8]>> {
+            let n = 1 + self.got.len() % 2999;
+            self.space.resize(n, 0);
+            Poll::Ready(Ok(&mut self.space))
+        }
+        fn commit(&mut self, n: usize) -> io::Result<()> {
+            self.got.extend_from_slice(&self.space[..n]);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushed = self.got.len();
+            Ok(())
+        }
+    }
+
     /// Runs a sender and a receiver over connections that are cut after `cut` bytes each
     /// (sender side), `cuts` times; returns what the receiver got.
     async fn transfer(data: Vec<u8>, window: usize, cut: usize, cuts: usize) -> Vec<u8> {
+        transfer_with(data, window, cut, cuts, Mode::default()).await
+    }
+
+    async fn transfer_with(
+        data: Vec<u8>,
+        window: usize,
+        cut: usize,
+        cuts: usize,
+        mode: Mode,
+    ) -> Vec<u8> {
         let (tx, rx) = mpsc::unbounded_channel::<BoxStream>();
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let (sender, driver) = sender(window);
@@ -647,33 +1147,45 @@ mod tests {
             made += 1;
             let budget = if made <= cuts { cut } else { usize::MAX };
             let _ = tx.send(Box::new(b));
-            let s: BoxStream = Box::new(Flaky { inner: a, budget });
+            let s: BoxStream = Box::new(Flaky {
+                inner: a,
+                budget,
+                vectored: mode.vectored,
+            });
             async move { Ok(s) }
         }));
         let produce = tokio::spawn(async move {
-            for chunk in data.chunks(10_000) {
-                sender.write_all(chunk).await.unwrap();
+            if mode.read_from {
+                let mut from = &data[..];
+                while sender.read_from(&mut from).await.unwrap() > 0 {}
+            } else {
+                for chunk in data.chunks(10_000) {
+                    sender.write_all(chunk).await.unwrap();
+                }
             }
             sender.finish();
         });
         let mut receiver = Receiver::new(0);
-        let mut got = Vec::new();
-        receiver
-            .run(
-                || {
-                    let rx = rx.clone();
-                    async move {
-                        rx.lock()
-                            .await
-                            .recv()
-                            .await
-                            .ok_or_else(|| io::Error::other("sender gone"))
-                    }
-                },
-                &mut got,
-            )
-            .await
-            .unwrap();
+        let connect = || {
+            let rx = rx.clone();
+            async move {
+                rx.lock()
+                    .await
+                    .recv()
+                    .await
+                    .ok_or_else(|| io::Error::other("sender gone"))
+            }
+        };
+        let got = if mode.direct {
+            let mut sink = Chunky::default();
+            receiver.run_into(connect, &mut sink).await.unwrap();
+            assert_eq!(sink.flushed, sink.got.len(), "the end is flushed");
+            sink.got
+        } else {
+            let mut got = Vec::new();
+            receiver.run(connect, &mut got).await.unwrap();
+            got
+        };
         produce.await.unwrap();
         drive.await.unwrap().unwrap();
         assert!(receiver.finished());
@@ -687,6 +1199,105 @@ mod tests {
         let got = transfer(data.clone(), 256 * 1024, 50_017, 30).await;
         assert_eq!(got.len(), data.len());
         assert!(got == data, "bytes lost, repeated or reordered");
+    }
+
+    #[tokio::test]
+    async fn frames_straight_from_the_window_survive_partial_writes_and_breaks() {
+        let data = pattern(700_000);
+        for (vectored, read_from, direct) in [
+            (true, false, false),
+            (true, true, false),
+            (true, true, true),
+            (false, true, true),
+        ] {
+            let mode = Mode {
+                vectored,
+                read_from,
+                direct,
+            };
+            for (window, cut, cuts) in [(256 * 1024, 50_017, 20), (4096, 7_001, 5), (1000, 0, 0)] {
+                let got = transfer_with(data.clone(), window, cut, cuts, mode).await;
+                assert!(
+                    got == data,
+                    "vectored {vectored}, read_from {read_from}, direct {direct}, window {window}: bytes lost, repeated or reordered"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_direct_sink_hears_when_the_stream_pauses() {
+        // A sink that wakes its readers in batches must hear of a pause, or a few bytes
+        // followed by silence would never reach them.
+        struct Announce {
+            inner: Chunky,
+            tx: mpsc::UnboundedSender<usize>,
+        }
+        impl SpaceSink for Announce {
+            fn poll_space(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&mut [u8]>> {
+                self.inner.poll_space(cx)
+            }
+            fn commit(&mut self, n: usize) -> io::Result<()> {
+                self.inner.commit(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                self.inner.flush()
+            }
+            fn idle(&mut self) {
+                let _ = self.tx.send(self.inner.got.len());
+            }
+        }
+        let (sender, driver) = sender(1 << 20);
+        sender.write_all(b"hello").await.unwrap();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut a = Some(Box::new(a) as BoxStream);
+        let drive = tokio::spawn(driver.run(move || {
+            let s = a.take();
+            async move { s.ok_or_else(|| io::Error::other("once")) }
+        }));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let receive = tokio::spawn(async move {
+            let mut sink = Announce {
+                inner: Chunky::default(),
+                tx,
+            };
+            Receiver::new(0)
+                .serve_into(Box::new(b), &mut sink)
+                .await
+                .map(|()| sink.inner.got)
+        });
+        loop {
+            let seen = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the sink was never told of the pause")
+                .unwrap();
+            if seen == 5 {
+                break;
+            }
+        }
+        sender.finish();
+        assert_eq!(receive.await.unwrap().unwrap(), b"hello");
+        drive.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_window_wraps_grows_and_keeps_order() {
+        let mut w = Window::new(10, Vec::new());
+        assert_eq!(w.extend(&[1, 2, 3, 4, 5, 6]), 6);
+        w.consume(4);
+        // Wraps: 5 6 | 7 8 9 10 11 12 13 14 (the ring is at most the window).
+        assert_eq!(w.extend(&[7, 8, 9, 10, 11, 12, 13, 14, 15]), 8);
+        assert_eq!(w.to_vec(), vec![5, 6, 7, 8, 9, 10, 11, 12, 13, 14]);
+        let (a, b) = w.slices(1, 8);
+        assert_eq!([a, b].concat(), vec![6, 7, 8, 9, 10, 11, 12, 13]);
+        assert!(w.space().is_empty(), "a full window offers no room");
+        w.consume(10);
+        assert!(w.is_empty());
+        assert_eq!(w.space().len(), 10, "an empty ring starts over");
+        // A resumed window holds its pending bytes, even beyond the first ring size.
+        let big = pattern(FIRST_WINDOW + 5);
+        let w = Window::new(1 << 20, big.clone());
+        assert_eq!(w.to_vec(), big);
     }
 
     #[tokio::test]

@@ -633,6 +633,9 @@ where
     // Recorded before the guest runs: a crash from here on is restorable like an upgrade.
     snap.uvm.agent_pid = uvm.properties().pid.unwrap_or_default();
     snap.uvm.qemu = Some(super::backend::qemu_state(&uvm));
+    // The UVM may have lived here before and left: it is back.
+    let _ = std::fs::remove_file(paths.dir.join("migrated"));
+    let _ = std::fs::remove_file(paths.dir.join("snapshot.migrated"));
     if let Err(e) = snapshot::write(&paths.dir.join("snapshot"), &snap) {
         return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;
     }

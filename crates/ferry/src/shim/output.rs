@@ -11,18 +11,25 @@
 //! readers are told how much. A client attached to the process (`run`, `attach`) pins its
 //! position instead: the capture then waits for it rather than overwrite what it has not sent,
 //! so an attached client always receives everything (the process sees back-pressure).
+//!
+//! The ring is mapped into memory: the capture receives the stream straight into it and an
+//! attached client is sent its frames straight from it, so each byte is copied once in and once
+//! out, as by `cat` (a write and a read of the file cost two more copies per byte).
 
 use crate::control::{self, MAX_PAYLOAD};
 use host::OutputPipe;
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::IoSlice;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 use tokio::io::AsyncWrite;
 use tokio::sync::watch;
+use transport::resumable::SpaceSink;
 
 /// Default bound on each captured stream's log.
 pub const DEFAULT_LOG_LIMIT: u64 = 64 << 20;
@@ -33,6 +40,11 @@ const MAGIC: &[u8; 8] = b"FERRYLOG";
 const VERSION: u32 = 1;
 /// The header takes the first page; the ring follows.
 const HEADER_SIZE: u64 = 4096;
+/// Most bytes an attached client is sent in one system call (several frames).
+const SEND_BATCH: usize = 16 * MAX_PAYLOAD;
+/// Readers hear of new bytes at least this often while a stream is busy (and whenever it
+/// pauses): waking them for every frame costs more than they send.
+const ANNOUNCE_EVERY: u64 = 4 * MAX_PAYLOAD as u64;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -129,18 +141,137 @@ pub fn recorded(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes into the ring and tells readers. Page-cache writes: fast enough to do inline.
+/// A log's ring mapped into memory (shared with the file, so the file holds what is written).
+struct RingMap {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory that stays valid until drop; which bytes may be written
+// or read when is governed by the log's progress and its readers' pins (see `LogSink` and
+// `OutputLog::send_mapped`).
+unsafe impl Send for RingMap {}
+// SAFETY: as above.
+unsafe impl Sync for RingMap {}
+
+impl RingMap {
+    /// Maps the ring of `file` (a log in `layout`), growing the file (sparse) to hold all of
+    /// it: a mapped page past the end of a file faults.
+    fn new(file: &File, layout: Layout) -> std::io::Result<RingMap> {
+        // SAFETY: sysconf has no memory effects.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let unsupported =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::Unsupported, why.to_string());
+        if page <= 0 || layout.start != HEADER_SIZE || !HEADER_SIZE.is_multiple_of(page as u64) {
+            return Err(unsupported("the ring does not start on a page boundary"));
+        }
+        let len = usize::try_from(layout.capacity)
+            .ok()
+            .filter(|&l| l > 0 && l <= isize::MAX as usize)
+            .ok_or_else(|| unsupported("the ring is too large to map"))?;
+        let end = layout.start + layout.capacity;
+        if file.metadata()?.len() < end {
+            file.set_len(end)?;
+        }
+        // SAFETY: a new shared mapping of our own file; it aliases no Rust memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                layout.start as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr =
+            std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| unsupported("mmap gave null"))?;
+        Ok(RingMap { ptr, len })
+    }
+
+    /// Bytes `pos..pos + n` of the ring.
+    ///
+    /// # Safety
+    /// Nobody may write them while the slice lives.
+    unsafe fn slice(&self, pos: usize, n: usize) -> &[u8] {
+        assert!(pos <= self.len && n <= self.len - pos);
+        // SAFETY: in bounds (checked); the caller rules out writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(pos), n) }
+    }
+
+    /// Bytes `pos..pos + n` of the ring, to write.
+    ///
+    /// # Safety
+    /// Nobody else may read or write them while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, pos: usize, n: usize) -> &mut [u8] {
+        assert!(pos <= self.len && n <= self.len - pos);
+        // SAFETY: in bounds (checked); the caller rules out other users.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(pos), n) }
+    }
+}
+
+impl Drop for RingMap {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once; no slice of it outlives the last Arc.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Receives into the ring and tells readers.
+///
+/// The first time round the ring, bytes go through a small buffer and are written to the file:
+/// a page the file does not have yet would cost a fault and a page of zeros through the
+/// mapping, and a write also gives the page its disk block (a mapped page whose block cannot be
+/// allocated, on a full disk, faults with SIGBUS instead of returning an error). From the
+/// second time round, every page exists: bytes are received straight into the mapping.
 struct LogSink {
     file: File,
     log: Arc<OutputLog>,
+    map: Option<Arc<RingMap>>,
+    buf: Vec<u8>,
+    /// The space last offered was `buf` (not the mapping).
+    buffered: bool,
+    /// Bytes committed that readers have not been woken for.
+    unannounced: u64,
 }
 
-impl AsyncWrite for LogSink {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
+impl LogSink {
+    fn new(file: File, log: Arc<OutputLog>) -> LogSink {
+        let map = match RingMap::new(&file, log.layout) {
+            Ok(map) => Some(Arc::new(map)),
+            Err(e) => {
+                if log.layout.start > 0 {
+                    tracing::debug!(path = %log.path.display(), error = %e, "log not mapped; writing the file");
+                }
+                None
+            }
+        };
+        *log.lock_map() = map.clone();
+        LogSink {
+            file,
+            log,
+            map,
+            buf: vec![0; MAX_PAYLOAD],
+            buffered: false,
+            unannounced: 0,
+        }
+    }
+
+    /// Wakes readers for what was committed since they last heard.
+    fn announce(&mut self) {
+        if self.unannounced > 0 {
+            self.unannounced = 0;
+            self.log.progress.send_modify(|_| {});
+        }
+    }
+}
+
+impl SpaceSink for LogSink {
+    fn poll_space(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<&mut [u8]>> {
         let log = &self.log;
         let written = log.progress().written;
         let layout = log.layout;
@@ -150,42 +281,66 @@ impl AsyncWrite for LogSink {
             None => u64::MAX,
         };
         if room == 0 {
-            return std::task::Poll::Pending;
+            // The reader holding us back must hear of everything first.
+            self.announce();
+            return Poll::Pending;
         }
-        let take = (buf.len() as u64).min(layout.until_wrap(written)).min(room) as usize;
-        match self.file.write_at(&buf[..take], layout.position(written)) {
-            Ok(n) => {
-                log.progress.send_modify(|p| p.written += n as u64);
-                std::task::Poll::Ready(Ok(n))
-            }
-            Err(e) => {
+        let take = layout.until_wrap(written).min(room);
+        self.buffered = true;
+        if let Some(map) = &self.map
+            && written >= layout.capacity
+        {
+            self.buffered = false;
+            let pos = (written % layout.capacity) as usize;
+            let take = take.min(map.len as u64) as usize;
+            // SAFETY: these ring bytes follow everything written, up to the oldest pin's place
+            // a ring later: no attached reader reads them (readers without a pin read the file,
+            // not the mapping), and this sink is the only writer.
+            return Poll::Ready(Ok(unsafe { map.slice_mut(pos, take) }));
+        }
+        let take = take.min(self.buf.len() as u64) as usize;
+        Poll::Ready(Ok(&mut self.buf[..take]))
+    }
+
+    fn commit(&mut self, n: usize) -> std::io::Result<()> {
+        let log = &self.log;
+        if self.buffered {
+            let at = log.layout.position(log.progress().written);
+            if let Err(e) = self.file.write_all_at(&self.buf[..n], at) {
                 tracing::error!(path = %log.path.display(), error = %e, "cannot write captured output");
-                std::task::Poll::Ready(Err(e))
+                return Err(e);
             }
         }
+        // Readers see the new count at once (they read it when they look); they are woken
+        // only every so often.
+        self.unannounced += n as u64;
+        let wake = self.unannounced >= ANNOUNCE_EVERY;
+        log.progress.send_if_modified(|p| {
+            p.written += n as u64;
+            wake
+        });
+        if wake {
+            self.unannounced = 0;
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self) {
+        self.announce();
     }
 
     /// Records how much the ring holds. The stream acknowledges bytes only after a flush, so
     /// the header never claims less than the sender has let go of; a crash before a flush
     /// makes a restore ask for bytes again, which land on the same place.
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.announce();
         let layout = self.log.layout;
         if layout.start > 0 {
             let written = self.log.progress().written;
             self.file
                 .write_all_at(&header(layout.capacity, written), 0)?;
         }
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+        Ok(())
     }
 }
 
@@ -205,6 +360,8 @@ pub struct OutputLog {
     /// A pin taken before the capture started, for a client about to attach (`run` without
     /// `-d`): not one byte may be dropped before its reader pins its own place.
     held: Mutex<Option<u64>>,
+    /// The mapped ring while the capture runs, for attached readers to send from.
+    map: Mutex<Option<Arc<RingMap>>>,
 }
 
 /// Removes a reader's pin when it stops, and lets the capture go on.
@@ -272,11 +429,16 @@ impl OutputLog {
                 (file, layout, written)
             }
             None => {
+                // A new file, not the old one truncated: a reader may still have the old one
+                // mapped, and its pages must not vanish under it.
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
-                    .create(true)
-                    .truncate(true)
+                    .create_new(true)
                     .open(path)?;
                 let capacity = limit.max(MIN_LOG_LIMIT);
                 file.write_all_at(&header(capacity, 0), 0)?;
@@ -292,15 +454,15 @@ impl OutputLog {
         if hold {
             log.hold(written);
         }
+        let mut sink = LogSink::new(file, log.clone());
         let l = log.clone();
         tokio::spawn(async move {
-            let mut sink = LogSink {
-                file,
-                log: l.clone(),
-            };
-            if let Err(e) = pipe.copy_to(&mut sink).await {
+            if let Err(e) = pipe.copy_into(&mut sink).await {
                 tracing::warn!(path = %l.path.display(), error = %e, "output stream failed");
             }
+            // Readers still sending keep their own reference to the mapping.
+            l.lock_map().take();
+            drop(sink);
             l.progress.send_modify(|p| p.done = true);
         });
         Ok(log)
@@ -326,6 +488,7 @@ impl OutputLog {
             pins: Mutex::new(Pins::default()),
             next_pin: AtomicU64::new(0),
             held: Mutex::new(None),
+            map: Mutex::new(None),
         }
     }
 
@@ -346,6 +509,10 @@ impl OutputLog {
 
     fn lock_pins(&self) -> std::sync::MutexGuard<'_, Pins> {
         self.pins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_map(&self) -> std::sync::MutexGuard<'_, Option<Arc<RingMap>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The oldest position an attached client still needs; registers `waker` to hear when
@@ -403,7 +570,10 @@ impl OutputLog {
             self.release_hold();
         }
         let stop_at = self.progress().written;
-        let mut buf = vec![0u8; MAX_PAYLOAD];
+        // An attached reader sends from the mapped ring (its pin keeps the capture off the
+        // bytes it sends); others read the file, which the capture may overwrite meanwhile.
+        let map = guard.as_ref().and_then(|_| self.lock_map().clone());
+        let mut buf = Vec::new();
         loop {
             let p = *rx.borrow_and_update();
             let limit = if follow { p.written } else { stop_at };
@@ -419,6 +589,12 @@ impl OutputLog {
                     offset = oldest;
                     continue;
                 }
+                if let (Some(map), Some(g)) = (&map, &guard) {
+                    offset = self.send_mapped(map, offset, limit, tag, out).await?;
+                    g.advance(offset);
+                    continue;
+                }
+                buf.resize(MAX_PAYLOAD, 0);
                 let want = (limit - offset)
                     .min(self.layout.until_wrap(offset))
                     .min(buf.len() as u64) as usize;
@@ -443,6 +619,44 @@ impl OutputLog {
                 return Ok(offset);
             }
         }
+    }
+
+    /// Sends ring bytes from `offset` towards `limit` (written, not dropped, and at or past
+    /// this reader's pin) as frames straight from the mapping, several per system call;
+    /// returns the offset reached.
+    async fn send_mapped<W: AsyncWrite + Unpin>(
+        &self,
+        map: &RingMap,
+        offset: u64,
+        limit: u64,
+        tag: u8,
+        out: &tokio::sync::Mutex<W>,
+    ) -> std::io::Result<u64> {
+        let mut frames = Vec::new();
+        let (mut at, mut total) = (offset, 0);
+        while at < limit && total < SEND_BATCH {
+            let n = (limit - at)
+                .min(self.layout.until_wrap(at))
+                .min((SEND_BATCH - total).min(MAX_PAYLOAD) as u64) as usize;
+            frames.push((
+                control::frame_head(tag, n),
+                self.layout.position(at) - self.layout.start,
+                n,
+            ));
+            at += n as u64;
+            total += n;
+        }
+        let mut iov = Vec::with_capacity(2 * frames.len());
+        for (head, pos, n) in &frames {
+            iov.push(IoSlice::new(head));
+            // SAFETY: these bytes were written (below `limit`) and not dropped, and this
+            // reader's pin stands at or before them: the capture writes no ring byte within a
+            // ring's length after the oldest pin, so none of these until the pin moves past
+            // them (after this call).
+            iov.push(IoSlice::new(unsafe { map.slice(*pos as usize, *n) }));
+        }
+        control::write_all_vectored(&mut *out.lock().await, &mut iov).await?;
+        Ok(at)
     }
 }
 
@@ -473,7 +687,17 @@ mod tests {
             capacity: limit,
         };
         let log = Arc::new(OutputLog::new(path, layout, 0, false));
-        (log.clone(), LogSink { file, log })
+        (log.clone(), LogSink::new(file, log))
+    }
+
+    /// Feeds `data` through the sink as a stream would (waiting for room as needed).
+    async fn feed(sink: &mut LogSink, data: &[u8]) {
+        let mut from = data;
+        while transport::resumable::read_into(&mut from, sink, usize::MAX)
+            .await
+            .unwrap()
+            > 0
+        {}
     }
 
     /// Reads frames from the other end of `send_from`: (data, dropped).
@@ -502,13 +726,13 @@ mod tests {
         let limit = MIN_LOG_LIMIT;
         let (log, mut sink) = ring(&path, limit);
         let data = pattern(3 * limit as usize + 123);
-        sink.write_all(&data).await.unwrap();
+        feed(&mut sink, &data).await;
         assert_eq!(
             recorded(&path),
             0,
             "recorded on flush (before an acknowledgement)"
         );
-        sink.flush().await.unwrap();
+        SpaceSink::flush(&mut sink).unwrap();
         assert_eq!(
             recorded(&path),
             data.len() as u64,
@@ -558,7 +782,7 @@ mod tests {
         };
         let write = async {
             // Past the ring's size: this must wait for the reader, not overwrite.
-            sink.write_all(&data).await.unwrap();
+            feed(&mut sink, &data).await;
             log.progress.send_modify(|p| p.done = true);
         };
         let (_, end, bytes) = tokio::join!(write, send, reader);

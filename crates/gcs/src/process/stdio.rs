@@ -270,24 +270,23 @@ async fn pump_out<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     n
 }
 
-/// Copies a process's output into a resumable stream until the pipe ends.
+/// Copies a process's output into a resumable stream until the pipe ends: each read lands
+/// straight in the stream's window, which the connection sends from.
 async fn produce<R: AsyncRead + Unpin>(
     mut from: R,
     to: transport::resumable::Sender,
 ) -> std::io::Result<()> {
-    let mut buf = vec![0u8; RELAY_BUFFER];
     loop {
-        let n = match transport::read_available(&mut from, &mut buf).await {
+        match to.read_from(&mut from).await {
             Ok(0) => break,
-            Ok(n) => n,
+            Ok(_) => {}
             // A terminal reports EIO once the last slave closes: its end-of-file.
             Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
             Err(e) => {
                 to.finish();
                 return Err(e);
             }
-        };
-        to.write_all(&buf[..n]).await?;
+        }
     }
     to.finish();
     Ok(())
