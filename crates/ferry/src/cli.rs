@@ -188,6 +188,9 @@ pub enum UvmCommand {
         #[command(flatten)]
         qemu: QemuArgs,
     },
+    /// Run a QEMU UVM on this host again after `ferry migrate` lost its destination once the
+    /// state had been sent (make sure the destination does not run it first).
+    Resume { name: String },
     /// Start a new host process for the running UVM a snapshot describes.
     Restore { snapshot: PathBuf },
     /// Replace a UVM's host process (save, then restore) without touching its workload.

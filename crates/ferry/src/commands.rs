@@ -296,6 +296,11 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
             qemu,
         } => crate::migrate::receive(root, &name, listen, memory_port, &qemu, json).await,
         UvmCommand::Stop { name } => uvm_stop(root, &name, json).await,
+        UvmCommand::Resume { name } => {
+            client::request(root, &name, &Request::ResumeSource).await?;
+            println!("{name}");
+            Ok(0)
+        }
         UvmCommand::Ls => uvm_ls(root, json).await,
         UvmCommand::Inspect { name } => {
             let (data, _) = client::request(root, &name, &Request::Info).await?;

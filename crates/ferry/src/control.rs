@@ -95,6 +95,9 @@ pub enum Request {
         #[serde(default)]
         dry_run: bool,
     },
+    /// Run the guest here again after a migration whose destination was lost once the state
+    /// had been sent (the operator has checked that the destination does not run it).
+    ResumeSource,
     /// (shim to shim) Receive a migrating UVM: sent by the source's shim to a destination
     /// shim started with `ferry uvm receive`.
     Incoming(crate::shim::migrate::IncomingSpec),

@@ -24,6 +24,7 @@ use super::backend::{Backend, BackendKind};
 use super::output;
 use super::restore;
 use super::state::ContainerRec;
+use super::stream::StreamPlan;
 use crate::cli::ShimArgs;
 use crate::control::{self, MAX_LINE, Reply, Request};
 use crate::paths::UvmPaths;
@@ -310,6 +311,19 @@ async fn migrate_out(
             shim.name, shim.name
         )),
     }
+}
+
+/// `ferry uvm resume NAME`: after a migration whose destination was lost once the state had
+/// been sent, runs the guest here again (the operator has made sure the destination does not).
+pub async fn resume_source(shim: &Shim) -> Result<(serde_json::Value, Option<StreamPlan>), String> {
+    let mut uvm = shim.uvm.lock().await;
+    let Backend::Qemu(q) = &mut *uvm else {
+        return Err("only a QEMU UVM can be left paused by a migration".into());
+    };
+    q.finalize_source(true).await.map_err(|e| e.to_string())?;
+    shim.stopping.store(false, Ordering::SeqCst);
+    tracing::warn!(uvm = %shim.name, "resumed on the source after a migration whose destination was lost");
+    Ok((json!({"resumed": shim.name}), None))
 }
 
 /// Marks a source directory whose UVM left: the snapshot no longer describes anything that

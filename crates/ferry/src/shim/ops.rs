@@ -24,7 +24,8 @@ pub async fn dispatch(
     mut w: OwnedWriteHalf,
 ) {
     let is_stop = matches!(request, Request::Stop | Request::Save { .. });
-    if !matches!(request, Request::Info) && shim.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    if !matches!(request, Request::Info | Request::ResumeSource)
+        && shim.stopping.load(std::sync::atomic::Ordering::SeqCst)
     {
         let _ = control::write_line(
             &mut w,
@@ -54,6 +55,7 @@ pub async fn dispatch(
     };
     let outcome = match request {
         Request::Migrate { .. } | Request::Incoming(_) => unreachable!("handled above"),
+        Request::ResumeSource => super::migrate::resume_source(&shim).await,
         Request::Info => info(&shim).await,
         Request::Stop => stop(&shim).await,
         Request::Save { to } => save(&shim, to).await,
