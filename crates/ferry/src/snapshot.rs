@@ -129,6 +129,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
 
 /// Writes `snap` to `path` atomically and durably.
 pub fn write(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
+    write_with(path, snap, true)
+}
+
+/// Writes `snap` to `path` atomically; `durable` also waits for the disk. Without it, a
+/// crash of the host process still leaves the old snapshot or the new one, but a crash of
+/// the machine may leave neither: fine where the UVM would not survive that crash either
+/// (a migration's destination, where every millisecond is the guest's blackout).
+pub fn write_with(path: &Path, snap: &Snapshot, durable: bool) -> Result<(), SnapshotError> {
     let body = serde_json::to_vec_pretty(snap).map_err(|e| SnapshotError::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -151,9 +159,14 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(header.as_bytes())?;
         f.write_all(&body)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        if durable {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -350,7 +350,7 @@ async fn send_state<W: AsyncWrite + Unpin>(
             for stream in ["stdout", "stderr"] {
                 let path = output::log_path(&logs_dir.join(&c.id), p.pid, stream);
                 // Header first: what it records is all in the file already.
-                let Ok(bytes) = std::fs::read(&path) else {
+                let Ok(bytes) = output::contents(&path) else {
                     continue;
                 };
                 blobs.push(LogBlob {
@@ -631,12 +631,14 @@ where
     // The memory arrives QEMU to QEMU while the source's shim waits; then its state.
     let (tx, mut rx) = mpsc::unbounded_channel();
     let limit = spec.log_limit;
+    let wait_started = Instant::now();
     let (loaded, state) = tokio::join!(uvm.wait_incoming(&tx), read_state(&mut r, paths, limit));
     let fail = async |uvm: &mut QemuUvm, w: &mut W, e: String| {
         let _ = control::write_line(w, &Reply::error(e.clone())).await;
         let _ = uvm.stop(Duration::from_secs(1)).await;
         Err(Failure::Retry(e))
     };
+    tracing::debug!(elapsed = ?wait_started.elapsed(), "memory and host state received");
     let mut snap = match (loaded, state) {
         (Ok(()), Ok(snap)) => snap,
         (Err(e), _) => {
@@ -650,9 +652,10 @@ where
     // The UVM may have lived here before and left: it is back.
     let _ = std::fs::remove_file(paths.dir.join("migrated"));
     let _ = std::fs::remove_file(paths.dir.join("snapshot.migrated"));
-    if let Err(e) = snapshot::write(&paths.dir.join("snapshot"), &snap) {
+    if let Err(e) = snapshot::write_with(&paths.dir.join("snapshot"), &snap, false) {
         return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;
     }
+    tracing::debug!(elapsed = ?wait_started.elapsed(), "snapshot written");
     if let Err(e) = uvm.resume_incoming().await {
         return fail(&mut uvm, &mut w, format!("cannot resume the UVM: {e}")).await;
     }
@@ -766,21 +769,25 @@ async fn read_state<R: AsyncBufRead + Unpin>(
         let dir = paths.logs().join(&blob.container);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let path = output::log_path(&dir, blob.pid, &blob.stream);
-        let mut file = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| format!("create {}: {e}", path.display()))?;
-        let copied = tokio::io::copy(&mut (&mut *r).take(blob.len), &mut file)
+        // Read whole (bounded above), then written in one blocking call: tokio's file writes
+        // take a trip to the blocking pool per 8 KiB, which under load made this the longest
+        // part of the guest's blackout.
+        let mut bytes = Vec::with_capacity(blob.len as usize);
+        let copied = (&mut *r)
+            .take(blob.len)
+            .read_to_end(&mut bytes)
             .await
             .map_err(|e| format!("receiving {}: {e}", path.display()))?;
-        if copied != blob.len {
+        if copied as u64 != blob.len {
             return Err(format!(
                 "the UVM's state ended inside {} ({copied} of {} bytes)",
                 path.display(),
                 blob.len
             ));
         }
-        file.sync_all()
-            .await
+        // Not synced: the logs matter while this host runs the UVM, and a crash of this
+        // machine ends the UVM too (the source keeps its copy).
+        tokio::task::block_in_place(|| std::fs::write(&path, &bytes))
             .map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     Ok(snap)

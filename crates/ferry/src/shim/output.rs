@@ -132,6 +132,18 @@ pub fn log_path(dir: &Path, pid: u32, stream: &str) -> PathBuf {
     dir.join(format!("{pid}.{stream}"))
 }
 
+/// The part of the log file at `path` that holds anything: its header and the ring up to
+/// what has been written (the file itself is sparse, full-size). What a migration ships.
+pub fn contents(path: &Path) -> std::io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let (layout, written) = read_header(&file)?;
+    let len = layout.start + written.min(layout.capacity);
+    let len = len.min(file.metadata()?.len());
+    let mut bytes = vec![0u8; len as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
+}
+
 /// How many bytes of output the log file at `path` has recorded (0 if there is none): where
 /// a restored stream resumes.
 pub fn recorded(path: &Path) -> u64 {
