@@ -65,9 +65,29 @@ pub fn find_port(sys_dir: &Path, dev_dir: &Path, name: &str) -> io::Result<Optio
 /// An open port, as a non-blocking async byte stream.
 pub struct VirtioPort {
     fd: AsyncFd<OwnedFd>,
+    retired: Retirement,
+}
+
+/// Ends a port's use by its session for good. The descriptor shares the device with the
+/// next session's, and a session's driver may still try to write (a late yamux frame) after
+/// the session has ended: such bytes would land after the next session's hello and break it.
+/// Writes hold the lock across the system call, so once `retire` returns none is under way
+/// and none will follow.
+#[derive(Clone, Default)]
+pub struct Retirement(std::sync::Arc<std::sync::Mutex<bool>>);
+
+impl Retirement {
+    pub fn retire(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
 }
 
 impl VirtioPort {
+    /// The handle that retires this port (see [`Retirement`]).
+    pub fn retirement(&self) -> Retirement {
+        self.retired.clone()
+    }
+
     /// Opens the port. The kernel lets one opener at a time in: `EBUSY` means the last
     /// session's descriptor is still being closed.
     pub fn open(path: &Path) -> io::Result<OwnedFd> {
@@ -116,7 +136,10 @@ impl VirtioPort {
         }
         // SAFETY: the AsyncFd owns the descriptor for its whole life.
         let fd = unsafe { AsyncFd::register(fd) }?;
-        Ok(VirtioPort { fd })
+        Ok(VirtioPort {
+            fd,
+            retired: Retirement::default(),
+        })
     }
 }
 
@@ -136,6 +159,11 @@ impl AsyncRead for VirtioPort {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            // A retired session reads nothing more: the bytes are the next session's.
+            let retired = self.retired.0.lock().unwrap_or_else(|p| p.into_inner());
+            if *retired {
+                return Poll::Ready(Ok(()));
+            }
             let unfilled = buf.initialize_unfilled();
             let result = guard.try_io(|fd| {
                 // SAFETY: reading into an initialised buffer of the given length.
@@ -143,6 +171,7 @@ impl AsyncRead for VirtioPort {
                     libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
                 })
             });
+            drop(retired);
             match result {
                 Ok(Ok(n)) => {
                     buf.advance(n);
@@ -167,10 +196,19 @@ impl AsyncWrite for VirtioPort {
             // A hang-up stays "ready" for good; without this a write to a port whose host
             // left would spin instead of ending the session.
             let hung_up = guard.ready().is_write_closed();
-            match guard.try_io(|fd| {
+            let retired = self.retired.0.lock().unwrap_or_else(|p| p.into_inner());
+            if *retired {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "this multiplexer session has ended",
+                )));
+            }
+            let result = guard.try_io(|fd| {
                 // SAFETY: writing from a valid buffer of the given length.
                 check(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
-            }) {
+            });
+            drop(retired);
+            match result {
                 Ok(Ok(n)) => return Poll::Ready(Ok(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
@@ -264,6 +302,7 @@ async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
             continue;
         }
         generation += 1;
+        let retirement = port.retirement();
         let session = MuxSession::new(port, MuxRole::Server);
         tracing::info!(port = %name, session = generation, "host connected; multiplexer session started");
         tx.send_replace(Some(session.clone()));
@@ -273,6 +312,8 @@ async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
             _ = tx.closed() => return,
         }
         tx.send_replace(None);
+        // Before the next session's hello: nothing of this one may follow it.
+        retirement.retire();
         tracing::info!(port = %name, session = generation, "host gone (end of port); waiting for the next host");
         drop(session);
     }
