@@ -424,9 +424,31 @@ async fn a_blackout_over_the_threshold_is_cancelled_and_the_source_resumes() {
     let img = support::image().await;
     let dir = Scratch::new("blackout");
     let (mut src, _src_guard, conn, pid) = boot_source(img, &dir.0).await;
+    // A guest rewriting 16 MiB in a loop: the pages it dirties during the last pass take
+    // milliseconds to copy while it is stopped (an idle guest's blackout can round to 0 ms).
+    let dirtier = ProcessParameters {
+        command_args: vec![
+            "sh".into(),
+            "-c".into(),
+            "dd if=/dev/urandom of=/tmp/a bs=1M count=16 2>/dev/null; touch /tmp/ready; \
+             while true; do cp /tmp/a /tmp/b; done"
+                .into(),
+        ],
+        ..Default::default()
+    };
+    let _dirtier = within(
+        "the dirtier to start",
+        host::Command::new(dirtier).start(&host::Container::uvm(&conn)),
+    )
+    .await
+    .expect("start the dirtier");
+    within("the dirtier's data", async {
+        while run_in_uvm(&conn, "test -e /tmp/ready").await.1 != 0 {}
+    })
+    .await;
 
-    // No blackout is that short: whether ferry catches it while the VM is stopped or from
-    // QEMU's reported downtime, the migration is cancelled and the source runs again.
+    // Over 1 ms, then: whether ferry catches it while the VM is stopped or from QEMU's
+    // reported downtime, the migration is cancelled and the source runs again.
     let o = InitializeOptions {
         memory_transfer_throttle_params: Some(MemoryTransferThrottleParams {
             blackout_time_threshold_for_cancelling_migration: Some(1),
