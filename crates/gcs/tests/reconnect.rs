@@ -112,11 +112,18 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
 async fn nothing_flows_before_negotiation() {
     let mut gcs = Gcs::start("preneg").await;
     let conn = gcs.connect().await;
+    // Held on stdin until the bridge is gone: an exit answered on the old connection would
+    // be lost with it (under load, "exit 9" alone could end before the drop).
     let (pid, mut io) = gcs
-        .exec_uvm(&conn, &["sh", "-c", "exit 9"], (false, true, false))
+        .exec_uvm(&conn, &["sh", "-c", "read l; exit 9"], (true, true, false))
         .await;
     let (wait_id, _) = conn.send(&wait_req(UVM, pid, bridge::INFINITE_WAIT)).await;
     drop(conn);
+    let mut stdin = io.stdin.take().unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut stdin, b"go\n")
+        .await
+        .unwrap();
+    drop(stdin);
     read_all(io.stdout.as_mut().unwrap()).await;
     let conn = gcs.accept().await;
     let adopted = conn.expect(wait_id);
