@@ -18,13 +18,15 @@
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use uvm::migration::{InitializeOptions, MemoryTransport};
 use uvm::{MemoryAddress, MigrationEvent, Phase, QemuConfig, QemuMigrationPlan, QemuUvm};
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod support;
+
+use support::ferry;
 /// Both sides: QEMU's bandwidth cap lifted (its default throttles a local socket).
 const BANDWIDTH: u64 = 10 << 30;
 const COUNTER: &str = "i=0; while true; do i=$((i+1)); echo $i; usleep 10000; done";
@@ -38,21 +40,6 @@ fn root() -> PathBuf {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn ferry(state: &Path, args: &[&str]) -> String {
-    let out = Command::new(FERRY)
-        .env("FERRY_STATE_DIR", state)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferry");
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn image(cache: &Path) -> image::Image {

@@ -7,25 +7,11 @@
 
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+mod support;
 
-fn ferry(state: &Path, args: &[&str]) -> String {
-    let out = Command::new(FERRY)
-        .env("FERRY_STATE_DIR", state)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run ferry");
-    assert!(
-        out.status.success(),
-        "ferry {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::ferry;
 
 /// Sizes of every stdout log under the UVM.
 fn log_sizes(state: &Path) -> Vec<(PathBuf, u64)> {

@@ -89,6 +89,25 @@ async fn boot_source(
     (src, guard, conn, pid)
 }
 
+/// After a migration given up: the destination is gone, and the source runs with its
+/// guest's process still counting; then the source is stopped.
+async fn only_the_source_runs(
+    src: &mut QemuUvm,
+    dst: &QemuUvm,
+    conn: &host::GuestConnection,
+    pid: u32,
+) {
+    assert!(!dst.is_running());
+    assert!(!src.properties().paused);
+    let before = counter_above(conn, 0).await;
+    counter_above(conn, before).await;
+    let (_, code) = run_in_uvm(conn, &format!("kill -0 {pid}")).await;
+    assert_eq!(code, 0);
+    within("stop", src.stop(Duration::from_secs(10)))
+        .await
+        .unwrap();
+}
+
 /// Reads the counter until it is above `floor` (each read is an exec in the guest).
 async fn counter_above(conn: &host::GuestConnection, floor: u64) -> u64 {
     within("the counter to advance", async {
@@ -347,15 +366,7 @@ async fn a_cancelled_migration_leaves_the_source_running() {
 
     // The destination gave up and is gone; the source runs, and its guest still answers.
     assert!(incoming.is_err(), "{incoming:?}");
-    assert!(!dst.is_running());
-    assert!(!src.properties().paused);
-    let before = counter_above(&conn, 0).await;
-    counter_above(&conn, before).await;
-    let (_, code) = run_in_uvm(&conn, &format!("kill -0 {pid}")).await;
-    assert_eq!(code, 0);
-    within("stop", src.stop(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    only_the_source_runs(&mut src, &dst, &conn, pid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,15 +417,7 @@ async fn a_destination_that_dies_mid_transfer_leaves_the_source_running() {
     );
     assert_eq!(events[events.len() - 2].outcome, Some(Outcome::Success));
 
-    assert!(!dst.is_running());
-    assert!(!src.properties().paused);
-    let before = counter_above(&conn, 0).await;
-    counter_above(&conn, before).await;
-    let (_, code) = run_in_uvm(&conn, &format!("kill -0 {pid}")).await;
-    assert_eq!(code, 0);
-    within("stop", src.stop(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    only_the_source_runs(&mut src, &dst, &conn, pid).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,13 +503,5 @@ async fn a_blackout_over_the_threshold_is_cancelled_and_the_source_resumes() {
         .await
         .unwrap();
     }
-    assert!(!dst.is_running());
-    assert!(!src.properties().paused);
-    let before = counter_above(&conn, 0).await;
-    counter_above(&conn, before).await;
-    let (_, code) = run_in_uvm(&conn, &format!("kill -0 {pid}")).await;
-    assert_eq!(code, 0);
-    within("stop", src.stop(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    only_the_source_runs(&mut src, &dst, &conn, pid).await;
 }

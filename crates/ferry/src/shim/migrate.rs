@@ -29,7 +29,6 @@ use crate::cli::ShimArgs;
 use crate::control::{self, MAX_LINE, Reply, Request};
 use crate::paths::UvmPaths;
 use crate::snapshot::{self, Snapshot};
-use host::GuestConnection;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -145,33 +144,14 @@ pub async fn source<R, W>(
         let _ = client_r.read(&mut [0u8; 64]).await;
         cancel_tx.send_replace(true);
     });
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Reply>();
+    // Events go out as they come; the sender is only lent to the migration, so the stream
+    // ends when it is dropped below, and the writer hands the connection back for the reply.
     let writer = tokio::spawn(async move {
-        let mut done_rx = done_rx;
-        loop {
-            tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ev) => {
-                        if control::write_line(&mut client_w, &json!({"event": ev})).await.is_err() {
-                            // Keep draining: the migration goes on without a listener.
-                        }
-                    }
-                    None => break,
-                },
-                reply = &mut done_rx => {
-                    while let Ok(ev) = rx.try_recv() {
-                        let _ = control::write_line(&mut client_w, &json!({"event": ev})).await;
-                    }
-                    if let Ok(reply) = reply {
-                        let _ = control::write_line(&mut client_w, &reply).await;
-                    }
-                    return;
-                }
-            }
+        while let Some(ev) = rx.recv().await {
+            // A client gone is no reason to stop: the migration goes on without a listener.
+            let _ = control::write_line(&mut client_w, &json!({"event": ev})).await;
         }
-        if let Ok(reply) = done_rx.await {
-            let _ = control::write_line(&mut client_w, &reply).await;
-        }
+        client_w
     });
     let result = migrate_out(&shim, &to, &options, dry_run, &tx, cancel_rx).await;
     let reply = match result {
@@ -182,9 +162,10 @@ pub async fn source<R, W>(
         }
     };
     let finished = reply.ok && !dry_run;
-    let _ = done_tx.send(reply);
     drop(tx);
-    let _ = writer.await;
+    if let Ok(mut client_w) = writer.await {
+        let _ = control::write_line(&mut client_w, &reply).await;
+    }
     watcher.abort();
     if finished {
         shim.stop.send_replace(true);
@@ -379,13 +360,7 @@ async fn send_state<W: AsyncWrite + Unpin>(
 // -- destination -----------------------------------------------------------------------------
 
 /// What a receiving shim ends up with: the migrated UVM, connected and restored.
-pub type Received = (
-    Backend,
-    GuestConnection,
-    BTreeMap<String, ContainerRec>,
-    u64,
-    MigrationReport,
-);
+pub type Received = (restore::Reattached, MigrationReport);
 
 /// What the last incoming migration measured (shown by `ferry uvm inspect`).
 pub type MigrationReport = Arc<std::sync::Mutex<serde_json::Value>>;
@@ -569,12 +544,6 @@ enum Failure {
     Fatal(String),
 }
 
-impl From<String> for Failure {
-    fn from(e: String) -> Failure {
-        Failure::Retry(e)
-    }
-}
-
 async fn incoming<R, W>(
     args: &ShimArgs,
     paths: &UvmPaths,
@@ -679,13 +648,14 @@ where
         ))
     };
     let transport = uvm
-        .open_migrated_channel()
+        .reopen_channel()
         .await
         .map_err(|e| after_resume(format!("its channel failed: {e}")))?;
-    let (backend, conn, containers, log_limit) =
+    let reattached =
         restore::reattach_snapshot(snap, restore::Found::Qemu(Box::new(uvm), transport))
             .await
             .map_err(|e| after_resume(format!("restoring its host state failed: {e}")))?;
+    let containers = &reattached.2;
     let reconnect_ms = resumed.elapsed().as_millis() as u64;
     tracing::info!(
         reconnect_ms,
@@ -695,8 +665,8 @@ where
     let report = Arc::new(std::sync::Mutex::new(json!({
         "from_resume_to_restored_ms": reconnect_ms,
     })));
-    tokio::spawn(time_first_output(&containers, resumed, report.clone()));
-    Ok(Some((backend, conn, containers, log_limit, report)))
+    tokio::spawn(time_first_output(containers, resumed, report.clone()));
+    Ok(Some((reattached, report)))
 }
 
 /// How long after the guest resumed here each running process's output flowed again (the
@@ -750,14 +720,10 @@ async fn read_state<R: AsyncBufRead + Unpin>(
     snap.uvm.state_dir = paths.dir.clone();
     let max = log_limit.max(output::MIN_LOG_LIMIT) + 2 * MAX_LINE as u64;
     for blob in header.logs {
-        let ok_id = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                && !s.starts_with('.')
-        };
-        if !ok_id(&blob.container) || !["stdout", "stderr"].contains(&blob.stream.as_str()) {
+        // Each names a file under this host's logs directory.
+        if bridge::validate_container_id(&blob.container).is_err()
+            || !["stdout", "stderr"].contains(&blob.stream.as_str())
+        {
             return Err(format!("bad log entry {blob:?} in the UVM's state"));
         }
         if blob.len > max {

@@ -138,7 +138,7 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
     let mut last_migration = None;
     let (uvm, conn, containers, saved_limit) = match &args.restore {
         None if args.incoming => match migrate::receive(&args, &paths, &root, &listener).await? {
-            Some((uvm, conn, containers, limit, report)) => {
+            Some(((uvm, conn, containers, limit), report)) => {
                 last_migration = Some(report);
                 (uvm, conn, containers, Some(limit))
             }

@@ -138,19 +138,20 @@ pub enum Found {
     Qemu(Box<QemuUvm>, Transport),
 }
 
+/// A UVM taken over: its backend, the guest connection, the restored containers and the
+/// per-stream log limit.
+pub type Reattached = (
+    Backend,
+    GuestConnection,
+    BTreeMap<String, ContainerRec>,
+    u64,
+);
+
 pub async fn reattach(
     args: &ShimArgs,
     paths: &UvmPaths,
     path: &Path,
-) -> Result<
-    (
-        Backend,
-        GuestConnection,
-        BTreeMap<String, ContainerRec>,
-        u64,
-    ),
-    String,
-> {
+) -> Result<Reattached, String> {
     let snap = snapshot::read(path).map_err(|e| e.to_string())?;
     if snap.uvm.name != args.name {
         return Err(format!(
@@ -170,17 +171,12 @@ pub async fn reattach(
             Found::Local(config, transport)
         }
         ("qemu", Some(q)) => {
-            let config = backend::qemu_config(&snap.uvm.name, snap.uvm.state_dir.clone(), q);
+            let mut config = backend::qemu_config(&snap.uvm.name, snap.uvm.state_dir.clone(), q);
+            config.connect_timeout = Duration::from_secs(15);
             let mut uvm = QemuUvm::adopt(config, snap.uvm.agent_pid)
                 .await
                 .map_err(|e| e.to_string())?;
-            let transport = uvm
-                .open_channel(
-                    std::time::Instant::now() + Duration::from_secs(15),
-                    uvm::qemu::RECONNECT_PATIENCE,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
+            let transport = uvm.reopen_channel().await.map_err(|e| e.to_string())?;
             Found::Qemu(Box::new(uvm), transport)
         }
         (other, _) => {
@@ -194,18 +190,7 @@ pub async fn reattach(
 }
 
 /// Takes over the UVM `snap` describes, found again (a restore, or a migration's destination).
-pub async fn reattach_snapshot(
-    snap: Snapshot,
-    found: Found,
-) -> Result<
-    (
-        Backend,
-        GuestConnection,
-        BTreeMap<String, ContainerRec>,
-        u64,
-    ),
-    String,
-> {
+pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattached, String> {
     let path = snap.uvm.state_dir.join("snapshot");
     let path = path.as_path();
     let transport = match &found {

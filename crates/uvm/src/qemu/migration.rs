@@ -362,11 +362,11 @@ impl QemuUvm {
         Ok(conn)
     }
 
-    /// Destination, after [`resume_incoming`](Self::resume_incoming): opens the host's end of
-    /// the channel once the guest has started a new session, for a caller that listens on
-    /// ports before accepting the agent (a restore of the source's host state). Used instead
-    /// of [`connect_guest`](Self::connect_guest).
-    pub async fn open_migrated_channel(&mut self) -> Result<transport::Transport> {
+    /// Opens the host's end of the channel to a guest that already runs (resumed after a
+    /// migration, or adopted from another host process) once it has started a new session,
+    /// for a caller that listens on ports before accepting the agent (a restore). Used
+    /// instead of [`connect_guest`](Self::connect_guest).
+    pub async fn reopen_channel(&mut self) -> Result<transport::Transport> {
         let until = Instant::now() + self.config.connect_timeout;
         self.open_channel(until, RECONNECT_PATIENCE).await
     }
