@@ -1,15 +1,6 @@
-mod cli;
-mod client;
-mod commands;
-mod control;
-mod migrate;
-mod paths;
-mod shim;
-mod snapshot;
-mod spec;
-
 use clap::Parser;
-use cli::{Cli, Command};
+use ferry::cli::{Cli, Command};
+use ferry::{commands, migrate, paths, shim};
 use std::process::ExitCode;
 
 /// The exit code of ferry's own failures (as docker uses 125), distinct from the exit codes of
