@@ -4,7 +4,7 @@ use crate::cli::{ExecArgs, ProcessArgs, RunArgs, UvmCommand};
 use crate::client;
 use crate::control::{ProcessSpec, Request, Rootfs};
 use crate::paths::{self, UvmPaths};
-use crate::shim::backend::BackendKind;
+use crate::shim::backend::{BackendKind, QemuArgs};
 use serde_json::Value;
 use std::io::BufRead;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -230,34 +230,7 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
             no_isolate,
             log_limit,
         } => {
-            paths::validate_uvm_name(&name)?;
-            if client::request(root, &name, &Request::Info).await.is_ok() {
-                return Err(format!("UVM {name:?} is already running"));
-            }
-            let mut extra = vec![format!("--log-limit={log_limit}")];
-            if no_isolate {
-                extra.push("--isolate=false".into());
-            }
-            if backend == BackendKind::Qemu {
-                let mut qemu = qemu;
-                let (kernel, initrd) = match (qemu.kernel.take(), qemu.initrd.take()) {
-                    (Some(k), Some(i)) => (k, i),
-                    _ => {
-                        let built = build_image(image::BuildOptions::new(
-                            root.join("images").join("uvm"),
-                            image::find_static_gcs().map_err(|e| e.to_string())?,
-                        ))
-                        .await?;
-                        (built.vmlinux, built.initramfs)
-                    }
-                };
-                qemu.kernel = Some(kernel);
-                qemu.initrd = Some(initrd);
-                extra.push("--backend=qemu".into());
-                extra.extend(qemu.shim_args());
-            }
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            let pid = spawn_shim(root, &name, &extra).await?;
+            let pid = start_uvm(root, &name, backend, qemu, no_isolate, log_limit).await?;
             report_started(&name, pid, &UvmPaths::new(root, &name), json);
             Ok(0)
         }
@@ -323,6 +296,44 @@ pub async fn uvm(root: &Path, cmd: UvmCommand, json: bool) -> Outcome {
             Ok(0)
         }
     }
+}
+
+/// Starts UVM `name` (building the QEMU image on first use) and returns its shim's pid.
+pub async fn start_uvm(
+    root: &Path,
+    name: &str,
+    backend: BackendKind,
+    mut qemu: QemuArgs,
+    no_isolate: bool,
+    log_limit: u64,
+) -> Result<u32, String> {
+    paths::validate_uvm_name(name)?;
+    if client::request(root, name, &Request::Info).await.is_ok() {
+        return Err(format!("UVM {name:?} is already running"));
+    }
+    let mut extra = vec![format!("--log-limit={log_limit}")];
+    if no_isolate {
+        extra.push("--isolate=false".into());
+    }
+    if backend == BackendKind::Qemu {
+        let (kernel, initrd) = match (qemu.kernel.take(), qemu.initrd.take()) {
+            (Some(k), Some(i)) => (k, i),
+            _ => {
+                let built = build_image(image::BuildOptions::new(
+                    root.join("images").join("uvm"),
+                    image::find_static_gcs().map_err(|e| e.to_string())?,
+                ))
+                .await?;
+                (built.vmlinux, built.initramfs)
+            }
+        };
+        qemu.kernel = Some(kernel);
+        qemu.initrd = Some(initrd);
+        extra.push("--backend=qemu".into());
+        extra.extend(qemu.shim_args());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    spawn_shim(root, name, &extra).await
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {

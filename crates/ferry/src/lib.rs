@@ -5,7 +5,9 @@
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod containerd;
 pub mod control;
+pub mod entry;
 pub mod migrate;
 pub mod paths;
 pub mod shim;

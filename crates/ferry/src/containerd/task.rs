@@ -1,0 +1,829 @@
+//! containerd's Task service (`containerd.task.v2.Task`) for one sandbox: each task is a ferry
+//! container in the sandbox's UVM, each exec a ferry process in it. The UVM and everything in
+//! it belong to a ferry shim; this service is its client, as the `ferry` CLI is.
+
+use super::bundle;
+use super::config::{self, Backend, RuntimeConfig};
+use super::stdio::{self, Control, Ended, Output, StdioPaths};
+use crate::client;
+use crate::control::{ProcessSpec, Request, Rootfs};
+use crate::paths::UvmPaths;
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, TtrpcResult};
+use containerd_shim_protos::api;
+use containerd_shim_protos::api::Empty;
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics;
+use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use containerd_shim_protos::ttrpc::{self, Code};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::sync::watch;
+
+fn fail(code: Code, msg: impl ToString) -> ttrpc::Error {
+    let msg = msg.to_string();
+    tracing::warn!(error = %msg, "request refused");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Created,
+    Running,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exit {
+    code: u32,
+    at: SystemTime,
+}
+
+/// A task's init process or one of its execs.
+struct Proc {
+    container: String,
+    exec_id: String,
+    stdio: StdioPaths,
+    spec: ProcessSpec,
+    state: Mutex<ProcState>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+struct ProcState {
+    status: Status,
+    pid: u32,
+    control: Option<Control>,
+}
+
+impl Proc {
+    fn new(container: &str, exec_id: &str, stdio: StdioPaths, spec: ProcessSpec) -> Arc<Proc> {
+        Arc::new(Proc {
+            container: container.into(),
+            exec_id: exec_id.into(),
+            stdio,
+            spec,
+            state: Mutex::new(ProcState {
+                status: Status::Created,
+                pid: 0,
+                control: None,
+            }),
+            exit: watch::channel(None).0,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ProcState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+}
+
+struct TaskRec {
+    bundle: PathBuf,
+    root: PathBuf,
+    /// Whether this shim mounted the root (and unmounts it on delete).
+    mounted: bool,
+    procs: HashMap<String, Arc<Proc>>,
+}
+
+/// The sandbox's UVM, once the first task has started it.
+#[derive(Clone)]
+struct Uvm {
+    root: PathBuf,
+    name: String,
+}
+
+pub struct Service {
+    namespace: String,
+    shim_id: String,
+    publisher: Arc<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+    uvm: tokio::sync::Mutex<Option<Uvm>>,
+    tasks: Mutex<HashMap<String, TaskRec>>,
+    /// Serialises creations, so two creates of one id cannot both pass the existence check.
+    creating: tokio::sync::Mutex<()>,
+}
+
+impl Service {
+    pub fn new(
+        namespace: String,
+        shim_id: String,
+        publisher: RemotePublisher,
+        exit: Arc<ExitSignal>,
+    ) -> Service {
+        Service {
+            namespace,
+            shim_id,
+            publisher: Arc::new(publisher),
+            exit,
+            uvm: tokio::sync::Mutex::new(None),
+            tasks: Mutex::new(HashMap::new()),
+            creating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<String, TaskRec>> {
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn find(&self, id: &str, exec_id: &str) -> TtrpcResult<Arc<Proc>> {
+        let tasks = self.tasks();
+        let task = tasks
+            .get(id)
+            .ok_or_else(|| fail(Code::NOT_FOUND, format!("task {id:?} not found")))?;
+        let key = exec_id;
+        task.procs.get(key).cloned().ok_or_else(|| {
+            fail(
+                Code::NOT_FOUND,
+                format!("process {exec_id:?} of task {id:?} not found"),
+            )
+        })
+    }
+
+    async fn uvm(&self) -> TtrpcResult<Uvm> {
+        self.uvm
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| fail(Code::FAILED_PRECONDITION, "the sandbox has no UVM"))
+    }
+
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self
+            .publisher
+            .publish(Context::default(), topic, &self.namespace, event)
+            .await
+        {
+            tracing::warn!(topic, error = %e, "cannot publish the event to containerd");
+        }
+    }
+
+    /// Starts the sandbox's UVM on the first task (or finds it running from an earlier life
+    /// of this shim).
+    async fn ensure_uvm(&self, cfg: &RuntimeConfig) -> Result<Uvm, String> {
+        let mut slot = self.uvm.lock().await;
+        if let Some(u) = slot.as_ref() {
+            return Ok(u.clone());
+        }
+        let uvm = Uvm {
+            root: cfg.state_root(),
+            name: config::uvm_name(&self.namespace, &self.shim_id),
+        };
+        if client::request(&uvm.root, &uvm.name, &Request::Info)
+            .await
+            .is_err()
+        {
+            let _ = std::fs::remove_dir_all(UvmPaths::new(&uvm.root, &uvm.name).dir);
+            tracing::info!(uvm = %uvm.name, backend = ?cfg.backend, "starting the sandbox's UVM");
+            crate::commands::start_uvm(
+                &uvm.root,
+                &uvm.name,
+                cfg.backend_kind(),
+                cfg.qemu_args(),
+                false,
+                cfg.log_limit_mib(),
+            )
+            .await?;
+        }
+        *slot = Some(uvm.clone());
+        Ok(uvm)
+    }
+
+    /// Stops the UVM and removes its state (the sandbox is gone).
+    async fn stop_uvm(&self) {
+        let Some(uvm) = self.uvm.lock().await.take() else {
+            return;
+        };
+        stop_uvm(&uvm.root, &uvm.name).await;
+    }
+
+    /// Watches a started process until it exits; records and publishes the exit.
+    fn watch_exit(
+        self: &Arc<Self>,
+        proc_: Arc<Proc>,
+        relay: tokio::task::JoinHandle<Ended>,
+        uvm: Uvm,
+    ) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let pid = proc_.state().pid;
+            let code = match relay.await {
+                Ok(Ended::Exit(code)) => code,
+                Ok(Ended::Lost(why)) => {
+                    tracing::warn!(container = %proc_.container, pid, reason = %why, "output stream ended without an exit; asking the ferry shim");
+                    service.wait_in_uvm(&uvm, &proc_, pid).await
+                }
+                Err(e) => {
+                    tracing::error!(container = %proc_.container, pid, error = %e, "relay task failed");
+                    service.wait_in_uvm(&uvm, &proc_, pid).await
+                }
+            };
+            let exit = Exit {
+                code: code as u32,
+                at: SystemTime::now(),
+            };
+            {
+                let mut st = proc_.state();
+                st.status = Status::Stopped;
+                st.control = None;
+            }
+            proc_.exit.send_replace(Some(exit));
+            tracing::info!(container = %proc_.container, exec = %proc_.exec_id, pid, code, "process exited");
+            service
+                .publish(
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    Box::new(TaskExit {
+                        container_id: proc_.container.clone(),
+                        id: if proc_.exec_id.is_empty() {
+                            proc_.container.clone()
+                        } else {
+                            proc_.exec_id.clone()
+                        },
+                        pid,
+                        exit_status: exit.code,
+                        exited_at: Some(timestamp(exit.at)).into(),
+                        ..Default::default()
+                    }),
+                )
+                .await;
+        });
+    }
+
+    /// The exit code as the ferry shim saw it, when the stream broke; 255 if it cannot say.
+    async fn wait_in_uvm(&self, uvm: &Uvm, p: &Proc, pid: u32) -> i32 {
+        let req = Request::Wait {
+            container: p.container.clone(),
+            pid: Some(pid),
+        };
+        match client::request(&uvm.root, &uvm.name, &req).await {
+            Ok((data, _)) => data["exit_code"].as_i64().unwrap_or(255) as i32,
+            Err(e) => {
+                tracing::error!(container = %p.container, pid, error = %e, "exit code lost; reporting 255");
+                255
+            }
+        }
+    }
+}
+
+/// Stops a UVM if it runs and removes its state directory.
+pub async fn stop_uvm(root: &std::path::Path, name: &str) {
+    if let Err(e) = client::request(root, name, &Request::Stop).await {
+        tracing::debug!(uvm = name, error = %e, "stopping the UVM");
+    }
+    let dir = UvmPaths::new(root, name).dir;
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove the UVM's state");
+    }
+}
+
+/// Unmounts a task's root (mounted by this shim).
+pub fn unmount_root(root: &std::path::Path) {
+    if let Err(e) = nix::mount::umount2(root, nix::mount::MntFlags::MNT_DETACH)
+        && e != nix::errno::Errno::EINVAL
+        && e != nix::errno::Errno::ENOENT
+    {
+        tracing::warn!(root = %root.display(), error = %e, "cannot unmount the task's root");
+    }
+}
+
+/// The service as containerd sees it (cloned per connection by the framework).
+#[derive(Clone)]
+pub struct TaskService(pub Arc<Service>);
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let s = &self.0;
+        bridge::validate_container_id(&req.id).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let _one = s.creating.lock().await;
+        if s.tasks().contains_key(&req.id) {
+            return Err(fail(
+                Code::ALREADY_EXISTS,
+                format!("task {:?} already exists", req.id),
+            ));
+        }
+        let options = req.options.as_ref();
+        let cfg = RuntimeConfig::load_file()
+            .and_then(|c| {
+                c.with_options(
+                    options.map(|o| o.type_url.as_str()).unwrap_or(""),
+                    options.map(|o| o.value.as_slice()).unwrap_or(&[]),
+                )
+            })
+            .map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        if cfg.backend == Backend::Qemu {
+            return Err(fail(
+                Code::UNIMPLEMENTED,
+                "the qemu backend does not take containerd rootfs yet (they are host directories, which a migrating VM cannot share); use backend \"local\"",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let (mut spec, root) =
+            bundle::load(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        spec.tty = req.terminal;
+        spec.stdin = !req.stdin.is_empty();
+        let mut mounted = false;
+        if !req.rootfs.is_empty() {
+            let target = config::bundle_rootfs(&bundle);
+            std::fs::create_dir_all(&target).map_err(|e| {
+                fail(
+                    Code::INTERNAL,
+                    format!("cannot create {}: {e}", target.display()),
+                )
+            })?;
+            for m in &req.rootfs {
+                if let Err(e) = containerd_shim::asynchronous::util::mount_rootfs(m, &target).await
+                {
+                    unmount_root(&target);
+                    return Err(fail(
+                        Code::INTERNAL,
+                        format!(
+                            "cannot mount the task's root ({} {}): {e}",
+                            m.type_, m.source
+                        ),
+                    ));
+                }
+            }
+            mounted = true;
+        }
+        if !root.is_dir() {
+            if mounted {
+                unmount_root(&config::bundle_rootfs(&bundle));
+            }
+            return Err(fail(
+                Code::INVALID_ARGUMENT,
+                format!("the task's root {} is not a directory", root.display()),
+            ));
+        }
+        if let Err(e) = s.ensure_uvm(&cfg).await {
+            if mounted {
+                unmount_root(&config::bundle_rootfs(&bundle));
+            }
+            return Err(fail(Code::INTERNAL, e));
+        }
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let init = Proc::new(&req.id, "", stdio, spec);
+        s.tasks().insert(
+            req.id.clone(),
+            TaskRec {
+                bundle: bundle.clone(),
+                root,
+                mounted,
+                procs: [(String::new(), init)].into(),
+            },
+        );
+        tracing::info!(task = %req.id, bundle = %req.bundle, "task created");
+        s.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid: 0,
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(api::CreateTaskResponse {
+            pid: 0,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let s = &self.0;
+        let p = s.find(&req.id, &req.exec_id)?;
+        let uvm = s.uvm().await?;
+        {
+            let st = p.state();
+            if st.status != Status::Created {
+                return Err(fail(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "process {:?} of task {:?} was already started",
+                        req.exec_id, req.id
+                    ),
+                ));
+            }
+        }
+        let out = Output::open(&p.stdio.stdout)
+            .await
+            .map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let err = Output::open(&p.stdio.stderr)
+            .await
+            .map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let request = if req.exec_id.is_empty() {
+            let root = s
+                .tasks()
+                .get(&req.id)
+                .map(|t| t.root.clone())
+                .ok_or_else(|| fail(Code::NOT_FOUND, format!("task {:?} not found", req.id)))?;
+            Request::Run {
+                id: Some(req.id.clone()),
+                rootfs: Rootfs::Dir(root.display().to_string()),
+                process: p.spec.clone(),
+            }
+        } else {
+            Request::Exec {
+                container: req.id.clone(),
+                process: p.spec.clone(),
+            }
+        };
+        let (data, session) = client::request(&uvm.root, &uvm.name, &request)
+            .await
+            .map_err(|e| fail(Code::UNKNOWN, e))?;
+        let session =
+            session.ok_or_else(|| fail(Code::INTERNAL, "the ferry shim did not stream"))?;
+        let pid = data["pid"].as_u64().unwrap_or(0) as u32;
+        let stdin = (!p.stdio.stdin.is_empty()).then(|| p.stdio.stdin.clone());
+        let (control, relay) = stdio::relay(session, (out, err), stdin);
+        {
+            let mut st = p.state();
+            st.status = Status::Running;
+            st.pid = pid;
+            st.control = Some(control);
+        }
+        tracing::info!(task = %req.id, exec = %req.exec_id, pid, "process started");
+        if req.exec_id.is_empty() {
+            s.publish(
+                topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        } else {
+            s.publish(
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                Box::new(TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
+        // After the start event: containerd must not see an exit before the start.
+        s.watch_exit(p, relay, uvm);
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let s = &self.0;
+        let p = s.find(&req.id, &req.exec_id)?;
+        let (status, pid) = {
+            let st = p.state();
+            (st.status, st.pid)
+        };
+        if status == Status::Running {
+            return Err(fail(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "process {:?} of task {:?} is running; kill it first",
+                    req.exec_id, req.id
+                ),
+            ));
+        }
+        let exit = p.exited().unwrap_or(Exit {
+            code: 0,
+            at: SystemTime::now(),
+        });
+        if req.exec_id.is_empty() {
+            if status == Status::Stopped
+                && let Ok(uvm) = s.uvm().await
+            {
+                let rm = Request::Rm {
+                    container: req.id.clone(),
+                    force: false,
+                };
+                if let Err(e) = client::request(&uvm.root, &uvm.name, &rm).await {
+                    tracing::warn!(task = %req.id, error = %e, "removing the container from the UVM");
+                }
+            }
+            let rec = s.tasks().remove(&req.id);
+            if let Some(rec) = rec
+                && rec.mounted
+            {
+                unmount_root(&config::bundle_rootfs(&rec.bundle));
+            }
+            s.publish(
+                topics::TASK_DELETE_EVENT_TOPIC,
+                Box::new(TaskDelete {
+                    container_id: req.id.clone(),
+                    id: req.id.clone(),
+                    pid,
+                    exit_status: exit.code,
+                    exited_at: Some(timestamp(exit.at)).into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        } else if let Some(t) = s.tasks().get_mut(&req.id) {
+            t.procs.remove(&req.exec_id);
+        }
+        tracing::info!(task = %req.id, exec = %req.exec_id, "deleted");
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status: exit.code,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let s = &self.0;
+        s.find(&req.id, "")?;
+        let uvm = s.uvm().await?;
+        let ps = Request::Ps {
+            container: Some(req.id.clone()),
+        };
+        let (data, _) = client::request(&uvm.root, &uvm.name, &ps)
+            .await
+            .map_err(|e| fail(Code::UNKNOWN, e))?;
+        let processes = data["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["status"] == "running")
+            .filter_map(|p| p["pid"].as_u64())
+            .map(|pid| api::ProcessInfo {
+                pid: pid as u32,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
+        let s = &self.0;
+        let p = s.find(&req.id, &req.exec_id)?;
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| {
+                fail(
+                    Code::INVALID_ARGUMENT,
+                    format!("signal {} is out of range", req.signal),
+                )
+            })?;
+        let (status, pid) = {
+            let st = p.state();
+            (st.status, st.pid)
+        };
+        match status {
+            Status::Stopped => {
+                return Err(fail(Code::NOT_FOUND, "process already finished"));
+            }
+            Status::Created => {
+                // Never started: it ends here, as a process killed by that signal would.
+                let exit = Exit {
+                    code: 128 + signal as u32,
+                    at: SystemTime::now(),
+                };
+                p.state().status = Status::Stopped;
+                p.exit.send_replace(Some(exit));
+                return Ok(Empty::new());
+            }
+            Status::Running => {}
+        }
+        let uvm = s.uvm().await?;
+        let kill = Request::Kill {
+            container: req.id.clone(),
+            pid: (!req.exec_id.is_empty()).then_some(pid),
+            signal,
+        };
+        client::request(&uvm.root, &uvm.name, &kill)
+            .await
+            .map_err(|e| fail(Code::UNKNOWN, e))?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        let s = &self.0;
+        if req.exec_id.is_empty() || bridge::validate_container_id(&req.exec_id).is_err() {
+            return Err(fail(
+                Code::INVALID_ARGUMENT,
+                format!("invalid exec id {:?}", req.exec_id),
+            ));
+        }
+        let init = s.find(&req.id, "")?;
+        if init.state().status != Status::Running {
+            return Err(fail(
+                Code::FAILED_PRECONDITION,
+                format!("task {:?} is not running", req.id),
+            ));
+        }
+        let value = req.spec.as_ref().map(|a| a.value.as_slice()).unwrap_or(&[]);
+        let mut spec = bundle::exec_process(value).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        spec.tty = req.terminal;
+        spec.stdin = !req.stdin.is_empty();
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut tasks = s.tasks();
+            let task = tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| fail(Code::NOT_FOUND, format!("task {:?} not found", req.id)))?;
+            if task.procs.contains_key(&req.exec_id) {
+                return Err(fail(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {:?} already exists in task {:?}", req.exec_id, req.id),
+                ));
+            }
+            task.procs.insert(
+                req.exec_id.clone(),
+                Proc::new(&req.id, &req.exec_id, stdio, spec),
+            );
+        }
+        s.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<Empty> {
+        let p = self.0.find(&req.id, &req.exec_id)?;
+        let control = p.state().control.clone();
+        let control =
+            control.ok_or_else(|| fail(Code::FAILED_PRECONDITION, "the process is not running"))?;
+        let rows = u16::try_from(req.height).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.width).unwrap_or(u16::MAX);
+        control
+            .resize(rows, cols)
+            .await
+            .map_err(|e| fail(Code::UNAVAILABLE, e))?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
+        let p = self.0.find(&req.id, &req.exec_id)?;
+        if req.stdin {
+            let control = p.state().control.clone();
+            if let Some(c) = control {
+                c.close_stdin();
+            }
+        }
+        Ok(Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let p = self.0.find(&req.id, &req.exec_id)?;
+        let mut rx = p.exit.subscribe();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| fail(Code::INTERNAL, "the process record went away"))?
+            .expect("waited for Some");
+        Ok(api::WaitResponse {
+            exit_status: exit.code,
+            exited_at: Some(timestamp(exit.at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let s = &self.0;
+        let p = s.find(&req.id, &req.exec_id)?;
+        let bundle = s
+            .tasks()
+            .get(&req.id)
+            .map(|t| t.bundle.display().to_string())
+            .unwrap_or_default();
+        let (status, pid) = {
+            let st = p.state();
+            (st.status, st.pid)
+        };
+        let exit = p.exited();
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle,
+            pid,
+            status: match status {
+                Status::Created => api::Status::CREATED,
+                Status::Running => api::Status::RUNNING,
+                Status::Stopped => api::Status::STOPPED,
+            }
+            .into(),
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exit_status: exit.map(|e| e.code).unwrap_or(0),
+            exited_at: exit.map(|e| timestamp(e.at)).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self.0.find(&req.id, "").map(|p| p.state().pid).unwrap_or(0);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<Empty> {
+        let s = &self.0;
+        if !s.tasks().is_empty() {
+            // containerd asks after every delete; the sandbox still has tasks.
+            return Ok(Empty::new());
+        }
+        s.stop_uvm().await;
+        tracing::info!("sandbox shut down");
+        s.exit.signal();
+        Ok(Empty::new())
+    }
+}
