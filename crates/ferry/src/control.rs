@@ -98,6 +98,9 @@ pub enum Request {
     /// Run the guest here again after a migration whose destination was lost once the state
     /// had been sent (the operator has checked that the destination does not run it).
     ResumeSource,
+    /// Copy a container's root filesystem into a QEMU guest (see `shim::rootfs`): the reply
+    /// names the directory; the tar follows as input frames.
+    ImportRootfs { container: String },
     /// (shim to shim) Receive a migrating UVM: sent by the source's shim to a destination
     /// shim started with `ferry uvm receive`.
     Incoming(crate::shim::migrate::IncomingSpec),
@@ -108,7 +111,7 @@ impl Request {
     pub fn streams(&self) -> bool {
         match self {
             Request::Run { process, .. } | Request::Exec { process, .. } => !process.detach,
-            Request::Attach { .. } | Request::Logs { .. } => true,
+            Request::Attach { .. } | Request::Logs { .. } | Request::ImportRootfs { .. } => true,
             _ => false,
         }
     }

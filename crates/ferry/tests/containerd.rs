@@ -9,8 +9,9 @@
 #[path = "support/containerd_lab.rs"]
 mod lab;
 
-use lab::{FERRY, IMAGE, Lab, RUNC, skip};
+use lab::{FERRY, IMAGE, Lab, RUNC, Seen, skip};
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -120,20 +121,21 @@ fn wait_event(rx: &std::sync::mpsc::Receiver<String>, topic: &str, needle: &str)
     }
 }
 
-#[test]
-fn exec_ps_kill_delete_behave_as_with_runc() {
-    if skip("exec_ps_kill_delete_behave_as_with_runc") {
-        return;
-    }
-    let lab = Lab::start();
-    let mut seen = Vec::new();
-    for rt in [RUNC, FERRY] {
-        let name = id(rt, "life");
-        let (mut ev, rx) = events(&lab);
-        let run = lab.ctr(
-            &["run", "-d", "--runtime", rt, IMAGE, &name, "sleep", "1000"],
-            None,
-        );
+/// What a task's life shows through ctr: exec (output, code, stdin), ps, ls, kill, the exit
+/// event, delete.
+type Life = ((Seen, Seen, usize, bool, i32, bool, bool), (i32, bool, i32));
+
+/// Runs a task through its life with runtime `rt` (and `config`, a ferry runtime config path).
+fn life(lab: &Lab, rt: &str, config: Option<&Path>, name: &str) -> Life {
+    {
+        let (mut ev, rx) = events(lab);
+        let mut args = vec!["run", "-d", "--runtime", rt];
+        if let Some(c) = config {
+            args.extend(["--runtime-config-path", c.to_str().unwrap()]);
+        }
+        args.extend([IMAGE, name, "sleep", "1000"]);
+        let run = lab.ctr(&args, None);
+        let name = name.to_string();
         assert_eq!(run.code, 0, "{rt}: run -d: {run:?}");
         wait_event(&rx, "/tasks/start", &format!("\"container_id\":\"{name}\""));
         let exec = lab.ctr(
@@ -191,8 +193,7 @@ fn exec_ps_kill_delete_behave_as_with_runc() {
                 lab.mounts()
             );
         }
-        seen.push((
-            rt,
+        (
             (
                 exec,
                 exec_in,
@@ -203,31 +204,85 @@ fn exec_ps_kill_delete_behave_as_with_runc() {
                 stopped,
             ),
             (delete.code, gone.stdout.contains(&name), c_rm.code),
-        ));
+        )
     }
-    let (_, (exec, exec_in, pids, running, kill, exit_status, stopped), after) = &seen[1];
+}
+
+/// The checks every ferry backend must pass, and runc's observations to match.
+fn check_life(what: &str, ferry: &Life, runc: &Life) {
+    let ((exec, exec_in, pids, running, kill, exit_status, stopped), after) = ferry;
     assert_eq!(
         (exec.code, exec.stdout.as_str(), exec.stderr.as_str()),
         (4, "hi\n", "ho\n"),
-        "ferry: task exec"
+        "{what}: task exec"
     );
     assert_eq!(
         (exec_in.code, exec_in.stdout.as_str()),
         (0, "piped\n"),
-        "ferry: exec stdin"
+        "{what}: exec stdin"
     );
-    assert_eq!(*pids, 1, "ferry: task ps lists the running init");
-    assert!(*running, "ferry: task ls shows RUNNING");
-    assert_eq!(*kill, 0, "ferry: task kill");
-    assert!(*exit_status, "ferry: the exit event carries 137");
-    assert!(*stopped, "ferry: task ls shows STOPPED after the kill");
+    assert_eq!(*pids, 1, "{what}: task ps lists the running init");
+    assert!(*running, "{what}: task ls shows RUNNING");
+    assert_eq!(*kill, 0, "{what}: task kill");
+    assert!(*exit_status, "{what}: the exit event carries 137");
+    assert!(*stopped, "{what}: task ls shows STOPPED after the kill");
     assert_eq!(
         *after,
         (0, false, 0),
-        "ferry: task delete, then containers rm"
+        "{what}: task delete, then containers rm"
     );
-    assert_eq!(seen[0].1, seen[1].1, "the same observations as runc");
-    assert_eq!(seen[0].2, seen[1].2, "the same observations as runc");
+    assert_eq!(ferry, runc, "{what}: the same observations as runc");
+}
+
+#[test]
+fn exec_ps_kill_delete_behave_as_with_runc() {
+    if skip("exec_ps_kill_delete_behave_as_with_runc") {
+        return;
+    }
+    let lab = Lab::start();
+    let runc = life(&lab, RUNC, None, "life-runc");
+    let ferry = life(&lab, FERRY, None, "life-ferry");
+    check_life("ferry (local)", &ferry, &runc);
+}
+
+#[test]
+fn qemu_backend_runs_tasks_in_a_vm() {
+    if skip("qemu_backend_runs_tasks_in_a_vm") || lab::skip_qemu("qemu_backend_runs_tasks_in_a_vm")
+    {
+        return;
+    }
+    let lab = Lab::start();
+    lab.use_guest_image();
+    let qemu = lab.dir.join("qemu.json");
+    std::fs::write(&qemu, r#"{"backend":"qemu","memory_mib":256}"#).unwrap();
+    let config = qemu.to_str().unwrap();
+    // In the VM: the guest's kernel, not the host's; exit code and both streams through.
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let r = lab.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            FERRY,
+            "--runtime-config-path",
+            config,
+            IMAGE,
+            "vm",
+            "sh",
+            "-c",
+            "cat /proc/sys/kernel/osrelease; echo err >&2; exit 5",
+        ],
+        None,
+    );
+    assert_eq!(r.code, 5, "{r:?}");
+    assert_eq!(r.stderr, "err\n", "{r:?}");
+    assert!(
+        !r.stdout.is_empty() && r.stdout != host_kernel,
+        "runs in the VM, not on the host: {r:?}"
+    );
+    let runc = life(&lab, RUNC, None, "qlife-runc");
+    let ferry = life(&lab, FERRY, Some(&qemu), "qlife-ferry");
+    check_life("ferry (qemu)", &ferry, &runc);
 }
 
 #[test]

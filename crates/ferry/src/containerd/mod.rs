@@ -44,6 +44,10 @@ pub fn main() -> std::process::ExitCode {
         RUNTIME_ID,
         Some(Config {
             default_log_level: "info".into(),
+            // The shim waits for its own children (tar, ferry's shim); a reaper collecting
+            // every child would take their exit statuses first.
+            no_reaper: true,
+            no_sub_reaper: true,
             ..Default::default()
         }),
     ));

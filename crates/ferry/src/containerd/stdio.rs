@@ -1,11 +1,13 @@
 //! A task's standard streams: the FIFOs (or files) containerd names, joined to the ferry
 //! shim's streaming session for the process.
 //!
-//! containerd's client opens its ends of the FIFOs before it asks for the task, so the shim
-//! opens its ends blocking (on a blocking thread) and then hands them to the runtime.
+//! containerd's client opens its ends of the FIFOs asynchronously, around the time it asks for
+//! the task, so the shim opens its ends blocking (on a blocking thread, bounded) and then hands
+//! them to the runtime.
 
 use crate::client::Session;
 use crate::control::{self, tag};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,16 +49,7 @@ impl Output {
         };
         let shown = path.display().to_string();
         if is_fifo(&path) {
-            // Non-blocking: containerd's client holds the read end open before it asks for
-            // the task; with no reader there is nobody to write to (and no open to hang in).
-            return match pipe::OpenOptions::new().open_sender(&path) {
-                Ok(p) => Ok(Output::Pipe(p)),
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    tracing::warn!(fifo = %shown, "no reader on the task's output FIFO; output goes to ferry's log only");
-                    Ok(Output::Discard)
-                }
-                Err(e) => Err(format!("opening {shown}: {e}")),
-            };
+            return open_fifo_writer(path).await;
         }
         let file = tokio::fs::OpenOptions::new()
             .append(true)
@@ -77,6 +70,37 @@ impl Output {
             // The reader is gone (the client detached): keep relaying so the exit is seen.
             tracing::debug!(error = %e, "task output reader gone; dropping output from now on");
             *self = Output::Discard;
+        }
+    }
+}
+
+/// How long a task's output FIFO may wait for containerd's client to open its read end
+/// (which it does asynchronously, around the time it asks for the start).
+const READER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Opens a FIFO for writing once its reader is there; with no reader within
+/// [`READER_PATIENCE`], output is dropped (the shim's log keeps it).
+async fn open_fifo_writer(path: PathBuf) -> Result<Output, String> {
+    let shown = path.display().to_string();
+    let blocking = path.clone();
+    let open = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new().write(true).open(&blocking)
+    });
+    match tokio::time::timeout(READER_PATIENCE, open).await {
+        Ok(Ok(Ok(file))) => pipe::Sender::from_file(file)
+            .map(Output::Pipe)
+            .map_err(|e| format!("opening {shown}: {e}")),
+        Ok(Ok(Err(e))) => Err(format!("opening {shown}: {e}")),
+        Ok(Err(e)) => Err(format!("opening {shown}: {e}")),
+        Err(_) => {
+            // Be the reader ourselves for a moment, so the blocked open returns (and its
+            // thread with it).
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path);
+            tracing::warn!(fifo = %shown, "no reader on the task's output FIFO; output goes to ferry's log only");
+            Ok(Output::Discard)
         }
     }
 }

@@ -285,6 +285,89 @@ impl Service {
     }
 }
 
+/// Copies a task's root into the UVM (`ferry::shim::rootfs`); returns its path there.
+async fn import_root(uvm: &Uvm, id: &str, root: &std::path::Path) -> Result<PathBuf, String> {
+    use crate::control::{self, tag};
+    use tokio::io::AsyncReadExt;
+    let req = Request::ImportRootfs {
+        container: id.to_string(),
+    };
+    let (data, session) = client::request(&uvm.root, &uvm.name, &req).await?;
+    let path = data["path"]
+        .as_str()
+        .map(PathBuf::from)
+        .ok_or("the ferry shim named no directory for the root")?;
+    let (mut r, mut w) = session.ok_or("the ferry shim did not stream")?;
+    let mut tar = tokio::process::Command::new("tar")
+        .arg("-C")
+        .arg(root)
+        .args(["--numeric-owner", "-cf", "-", "."])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run tar to copy the root: {e}"))?;
+    let mut out = tar.stdout.take().ok_or("tar has no stdout")?;
+    let mut buf = vec![0u8; control::MAX_PAYLOAD];
+    loop {
+        let n = out
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("reading tar's output: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        control::write_frame(&mut w, tag::STDIN, &buf[..n])
+            .await
+            .map_err(|e| format!("copying the root into the UVM: {e}"))?;
+    }
+    let status = tar
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("tar: {e}"))?;
+    if !status.status.success() {
+        return Err(format!(
+            "tar of {} failed: {}",
+            root.display(),
+            String::from_utf8_lossy(&status.stderr).trim()
+        ));
+    }
+    control::write_frame(&mut w, tag::STDIN_EOF, &[])
+        .await
+        .map_err(|e| format!("copying the root into the UVM: {e}"))?;
+    let mut complaints = String::new();
+    loop {
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head)
+            .await
+            .map_err(|e| format!("copying the root into the UVM: lost the ferry shim: {e}"))?;
+        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > control::MAX_PAYLOAD {
+            return Err(format!("the ferry shim sent a frame of {len} bytes"));
+        }
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload)
+            .await
+            .map_err(|e| format!("copying the root into the UVM: lost the ferry shim: {e}"))?;
+        match head[0] {
+            tag::STDERR => complaints.push_str(&String::from_utf8_lossy(&payload)),
+            tag::EXIT if len == 4 => {
+                let code = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if code != 0 {
+                    return Err(format!(
+                        "unpacking the root in the UVM failed (exit {code}): {}",
+                        complaints.trim()
+                    ));
+                }
+                return Ok(path);
+            }
+            tag::ERROR => return Err(String::from_utf8_lossy(&payload).into_owned()),
+            t => return Err(format!("unexpected frame {t} from the ferry shim")),
+        }
+    }
+}
+
 /// Stops a UVM if it runs and removes its state directory.
 pub async fn stop_uvm(root: &std::path::Path, name: &str) {
     if let Err(e) = client::request(root, name, &Request::Stop).await {
@@ -337,12 +420,6 @@ impl Task for TaskService {
                 )
             })
             .map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
-        if cfg.backend == Backend::Qemu {
-            return Err(fail(
-                Code::UNIMPLEMENTED,
-                "the qemu backend does not take containerd rootfs yet (they are host directories, which a migrating VM cannot share); use backend \"local\"",
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let (mut spec, root) =
             bundle::load(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
@@ -381,12 +458,22 @@ impl Task for TaskService {
                 format!("the task's root {} is not a directory", root.display()),
             ));
         }
-        if let Err(e) = s.ensure_uvm(&cfg).await {
-            if mounted {
-                unmount_root(&config::bundle_rootfs(&bundle));
+        let prepared = match s.ensure_uvm(&cfg).await {
+            // In a VM the root must be inside it: copied into guest memory, it moves with
+            // the VM (a share of the host directory could not).
+            Ok(uvm) if cfg.backend == Backend::Qemu => import_root(&uvm, &req.id, &root).await,
+            Ok(_) => Ok(root.clone()),
+            Err(e) => Err(e),
+        };
+        let root = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                if mounted {
+                    unmount_root(&config::bundle_rootfs(&bundle));
+                }
+                return Err(fail(Code::INTERNAL, e));
             }
-            return Err(fail(Code::INTERNAL, e));
-        }
+        };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),

@@ -6,6 +6,7 @@ pub mod migrate;
 mod ops;
 pub mod output;
 mod restore;
+pub mod rootfs;
 pub mod state;
 mod stream;
 

@@ -43,6 +43,9 @@ pub async fn dispatch(
             options,
             dry_run,
         } => return super::migrate::source(shim, to, options, dry_run, r, w).await,
+        Request::ImportRootfs { container } => {
+            return super::rootfs::import(shim, container, r, w).await;
+        }
         Request::Incoming(_) => {
             let e = format!(
                 "UVM {:?} is running here; it cannot receive another",
@@ -54,7 +57,9 @@ pub async fn dispatch(
         other => other,
     };
     let outcome = match request {
-        Request::Migrate { .. } | Request::Incoming(_) => unreachable!("handled above"),
+        Request::Migrate { .. } | Request::Incoming(_) | Request::ImportRootfs { .. } => {
+            unreachable!("handled above")
+        }
         Request::ResumeSource => super::migrate::resume_source(&shim).await,
         Request::Info => info(&shim).await,
         Request::Stop => stop(&shim).await,

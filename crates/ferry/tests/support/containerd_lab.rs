@@ -34,6 +34,15 @@ pub fn skip(test: &str) -> bool {
     false
 }
 
+/// The QEMU backend's needs beyond [`skip`]'s.
+pub fn skip_qemu(test: &str) -> bool {
+    if which("qemu-system-x86_64").is_none() {
+        eprintln!("skipped: {test} needs qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        return true;
+    }
+    false
+}
+
 pub fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -238,6 +247,27 @@ impl Lab {
             .filter(|m| m.starts_with(&dir))
             .map(String::from)
             .collect()
+    }
+
+    /// Lets the QEMU backend find its guest image: the static agent built by the project's
+    /// script, and the image cache the QEMU tests share (the kernel package is fetched once).
+    pub fn use_guest_image(&self) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = Command::new("bash")
+            .arg(root.join("scripts/build-static-gcs.sh"))
+            .current_dir(&root)
+            .output()
+            .expect("run scripts/build-static-gcs.sh");
+        assert!(
+            out.status.success(),
+            "scripts/build-static-gcs.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ferry-images");
+        std::fs::create_dir_all(&cache).unwrap();
+        let images = self.dir.join("ferry/images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::os::unix::fs::symlink(&cache, images.join("uvm")).unwrap();
     }
 
     pub fn set_ferry_config(&self, json: &str) {
