@@ -367,3 +367,368 @@ fn bad_input_is_refused_and_leaves_nothing() {
     );
     assert_eq!((ok.code, ok.stdout.as_str()), (0, "ok\n"), "{ok:?}");
 }
+
+mod migration {
+    //! The Migration service on the shim's socket, called as an orchestrator would.
+
+    use super::lab::{self, FERRY, IMAGE, Lab, skip};
+    use ferry::containerd::proto::migration::*;
+    use ferry::containerd::proto::migration_ttrpc::MigrationClient;
+    use ttrpc::Code;
+    use ttrpc::r#async::Client;
+
+    fn ctx() -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(0)
+    }
+
+    /// The ttrpc client of the shim that serves task `id`.
+    async fn client(lab: &Lab, id: &str) -> MigrationClient {
+        let address = std::fs::read_to_string(lab.dir.join(format!(
+            "state/io.containerd.runtime.v2.task/{}/{id}/address",
+            lab.namespace
+        )))
+        .expect("the shim's address file");
+        MigrationClient::new(
+            Client::connect(address.trim())
+                .await
+                .expect("connect to the shim"),
+        )
+    }
+
+    fn code<T: std::fmt::Debug>(r: ttrpc::Result<T>) -> (Code, String) {
+        match r {
+            Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message),
+            other => panic!("expected an error status, got {other:?}"),
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn unknown_sessions_bad_ids_and_the_local_backend_are_refused() {
+        if skip("unknown_sessions_bad_ids_and_the_local_backend_are_refused") {
+            return;
+        }
+        let lab = Lab::start();
+        let run = lab.ctr(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                FERRY,
+                IMAGE,
+                "m-local",
+                "sleep",
+                "1000",
+            ],
+            None,
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        runtime().block_on(async {
+            let m = client(&lab, "m-local").await;
+            let transfer = m
+                .transfer_sandbox(
+                    ctx(),
+                    &TransferSandboxRequest {
+                        session_id: "nope".into(),
+                        address: "unix:/nowhere".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("a stream");
+            // A stream's status comes with its first message.
+            let mut transfer = transfer;
+            let (c, msg) = code(transfer.recv().await);
+            assert_eq!(c, Code::NOT_FOUND, "{msg}");
+            assert!(msg.contains("nope"), "{msg}");
+            let (c, msg) = code(
+                m.finalize_sandbox(
+                    ctx(),
+                    &FinalizeSandboxRequest {
+                        session_id: "nope".into(),
+                        action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::NOT_FOUND, "{msg}");
+            let (c, msg) = code(
+                m.prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: "bad id!".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::INVALID_ARGUMENT, "{msg}");
+            let (c, msg) = code(
+                m.prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: "s1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::FAILED_PRECONDITION, "{msg}");
+            assert!(msg.contains("local backend"), "{msg}");
+        });
+        // Nothing changed: the task still runs.
+        let ls = lab.ctr(&["task", "ls"], None);
+        assert!(ls.stdout.contains("RUNNING"), "{ls:?}");
+    }
+
+    /// Lines of a counter, checked: consecutive from 0, each once.
+    fn counter_lines(text: &str) -> usize {
+        for (i, line) in text.lines().enumerate() {
+            assert_eq!(line, i.to_string(), "line {i} of the counter: {text:?}");
+        }
+        text.lines().count()
+    }
+
+    #[test]
+    fn a_running_task_moves_through_the_migration_service() {
+        if skip("a_running_task_moves_through_the_migration_service")
+            || lab::skip_qemu("a_running_task_moves_through_the_migration_service")
+        {
+            return;
+        }
+        let lab = Lab::start();
+        lab.use_guest_image();
+        lab.set_ferry_config(r#"{"backend":"qemu","memory_mib":256}"#);
+        let run = lab.ctr(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                FERRY,
+                IMAGE,
+                "mover",
+                "sh",
+                "-c",
+                "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done",
+            ],
+            None,
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        let ferry_bin = env!("CARGO_BIN_EXE_ferry");
+        // The destination host: its own ferry state (sharing the image cache).
+        let dest = lab.dir.join("dest");
+        std::fs::create_dir_all(dest.join("images")).unwrap();
+        std::os::unix::fs::symlink(
+            std::fs::read_link(lab.dir.join("ferry/images/uvm")).unwrap(),
+            dest.join("images/uvm"),
+        )
+        .unwrap();
+        let ferry = |args: &[&str]| {
+            let out = std::process::Command::new(ferry_bin)
+                .env("FERRY_STATE_DIR", &dest)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ferry {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let source_uvm = format!("{}-mover", lab.namespace);
+        // The destination: a ferry host waiting for the VM.
+        let address = ferry(&["uvm", "receive", &source_uvm]).trim().to_string();
+        assert!(address.starts_with("unix:"), "{address}");
+        runtime().block_on(async {
+            let m = client(&lab, "mover").await;
+            let session = "s1".to_string();
+            // Out of order before the session exists, and with bad options: refused.
+            let bad = uvm::migration::encode(&uvm::migration::InitializeOptions {
+                memory_transfer_throttle_params: Some(
+                    uvm::migration::MemoryTransferThrottleParams {
+                        throttling_scale: Some(150.0),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            });
+            let (c, msg) = code(
+                m.prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: session.clone(),
+                        init_options: bad,
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::INVALID_ARGUMENT, "{msg}");
+            let exported = m
+                .prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("export");
+            let config: serde_json::Value = serde_json::from_slice(&exported.config).unwrap();
+            assert_eq!(config["tasks"][0]["id"], "mover", "{config}");
+            // Finalize before Transfer, Cleanup before the end, a second session: refused.
+            let (c, msg) = code(
+                m.finalize_sandbox(
+                    ctx(),
+                    &FinalizeSandboxRequest {
+                        session_id: session.clone(),
+                        action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::FAILED_PRECONDITION, "{msg}");
+            assert!(msg.contains("TransferSandbox"), "{msg}");
+            let (c, _) = code(
+                m.cleanup(
+                    ctx(),
+                    &CleanupRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::FAILED_PRECONDITION);
+            let (c, _) = code(
+                m.prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: "s2".into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::FAILED_PRECONDITION);
+
+            let mut notes = m
+                .notifications(
+                    ctx(),
+                    &NotificationsRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("notifications");
+            let mut transfer = m
+                .transfer_sandbox(
+                    ctx(),
+                    &TransferSandboxRequest {
+                        session_id: session.clone(),
+                        address: address.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("transfer");
+            let mut events = Vec::new();
+            while let Some(r) = transfer.recv().await.expect("transfer stream") {
+                assert!(r.error.is_empty(), "transfer failed: {}", r.error);
+                events.push(r);
+            }
+            assert!(!events.is_empty(), "the transfer reports progress");
+            for (i, e) in events.iter().enumerate() {
+                assert_eq!(e.message_id as usize, i + 1, "message ids count up");
+            }
+            m.finalize_sandbox(
+                ctx(),
+                &FinalizeSandboxRequest {
+                    session_id: session.clone(),
+                    action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("finalize");
+            let mut phases = Vec::new();
+            let mut last = None;
+            while let Some(n) = notes.recv().await.expect("notification stream") {
+                phases.push(n.phase.clone());
+                last = Some(n);
+            }
+            let last = last.expect("notifications");
+            assert!(
+                last.terminal && last.phase == "done" && last.outcome == "success",
+                "{last:?}"
+            );
+            assert_eq!(
+                phases.first().map(String::as_str),
+                Some("setup_done"),
+                "{phases:?}"
+            );
+            let t = phases
+                .iter()
+                .position(|p| p == "transferred")
+                .expect("transferred");
+            assert_eq!(t, phases.len() - 2, "in order: {phases:?}");
+            m.cleanup(
+                ctx(),
+                &CleanupRequest {
+                    session_id: session.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("cleanup");
+        });
+        // The task runs on the destination and its output went on there, every line once.
+        let before = counter_lines(&ferry(&["logs", &source_uvm, "mover"]));
+        let ps = ferry(&["ps", &source_uvm]);
+        assert!(ps.contains("mover") && ps.contains("running"), "{ps}");
+        // And goes on: followed from the start, every line once, past where it was.
+        let after = {
+            use std::io::BufRead;
+            let mut follow = std::process::Command::new(ferry_bin)
+                .env("FERRY_STATE_DIR", &dest)
+                .args(["logs", "-f", &source_uvm, "mover"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = std::io::BufReader::new(follow.stdout.take().unwrap());
+            let mut n = 0;
+            for line in out.lines() {
+                assert_eq!(line.unwrap(), n.to_string(), "line {n} of the counter");
+                n += 1;
+                if n > before + 10 {
+                    break;
+                }
+            }
+            let _ = follow.kill();
+            let _ = follow.wait();
+            n
+        };
+        assert!(
+            after > before,
+            "the counter goes on after the move ({before} -> {after})"
+        );
+        // The source cleaned up: its UVM is gone from its state, and containerd can delete
+        // the task there.
+        assert!(!lab.uvms().contains(&source_uvm), "{:?}", lab.uvms());
+        let kill = lab.ctr(&["task", "kill", "-s", "SIGKILL", "mover"], None);
+        let _ = kill;
+        let del = lab.ctr(&["task", "delete", "-f", "mover"], None);
+        assert_eq!(del.code, 0, "{del:?}");
+        ferry(&["uvm", "stop", &source_uvm]);
+    }
+}

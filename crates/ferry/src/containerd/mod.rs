@@ -13,8 +13,20 @@
 
 pub mod bundle;
 pub mod config;
+pub mod migration;
 pub mod stdio;
 pub mod task;
+
+/// The Migration service's generated messages and ttrpc stubs (`proto/migration.proto`).
+#[allow(warnings, clippy::all, clippy::pedantic)]
+pub mod proto {
+    pub mod migration {
+        include!(concat!(env!("OUT_DIR"), "/migration/migration.rs"));
+    }
+    pub mod migration_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/migration/migration_ttrpc.rs"));
+    }
+}
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{ExitSignal, Shim, spawn};
@@ -25,6 +37,17 @@ use std::sync::Arc;
 
 /// The runtime name containerd knows ferry by.
 pub const RUNTIME_ID: &str = "io.containerd.ferry.v1";
+
+fn config() -> Config {
+    Config {
+        default_log_level: "info".into(),
+        // The shim waits for its own children (tar, ferry's shim); a reaper collecting
+        // every child would take their exit statuses first.
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    }
+}
 
 /// Runs the shim as containerd asked (start, delete, or serve).
 pub fn main() -> std::process::ExitCode {
@@ -40,20 +63,119 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    runtime.block_on(containerd_shim::asynchronous::run::<FerryShim>(
-        RUNTIME_ID,
-        Some(Config {
-            default_log_level: "info".into(),
-            // The shim waits for its own children (tar, ferry's shim); a reaper collecting
-            // every child would take their exit statuses first.
-            no_reaper: true,
-            no_sub_reaper: true,
-            ..Default::default()
-        }),
-    ));
+    let args: Vec<_> = std::env::args_os().collect();
+    let flags = containerd_shim::parse(&args[1..]);
+    match flags {
+        // Serving: ours, to put the Migration service on the socket beside the Task service.
+        Ok(flags) if !flags.socket.is_empty() && flags.action.is_empty() => {
+            if let Err(e) = runtime.block_on(serve(flags)) {
+                eprintln!("{RUNTIME_ID}: {e}");
+                std::process::exit(1);
+            }
+        }
+        // start, delete, -v, and errors: containerd-shim's bootstrap.
+        _ => runtime.block_on(containerd_shim::asynchronous::run::<FerryShim>(
+            RUNTIME_ID,
+            Some(config()),
+        )),
+    }
     // Exit now: a blocking thread still opening a FIFO nobody will open must not keep the
     // shim alive (dropping the runtime would wait for it).
     std::process::exit(0)
+}
+
+/// The shim's server: containerd's Task service and ferry's Migration service on the socket
+/// containerd named, until Shutdown.
+async fn serve(flags: Flags) -> Result<(), String> {
+    use containerd_shim_protos::ttrpc::r#async::Server;
+    use containerd_shim_protos::ttrpc::r#async::transport::Listener;
+    if let Err(e) = containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id)
+    {
+        eprintln!("{RUNTIME_ID}: logging to containerd: {e}");
+    }
+    // containerd signals its shims only to kill them; the rest is noise (and a closed FIFO's
+    // SIGPIPE must be an error on the write, not our end).
+    ignore_signals();
+    let ttrpc_address = std::env::var("TTRPC_ADDRESS")
+        .map_err(|_| "TTRPC_ADDRESS is not set (containerd sets it)".to_string())?;
+    let publisher = RemotePublisher::new(&ttrpc_address)
+        .await
+        .map_err(|e| format!("connecting to containerd at {ttrpc_address}: {e}"))?;
+    let exit = Arc::new(ExitSignal::default());
+    let service = Arc::new(task::Service::new(
+        flags.namespace.clone(),
+        flags.id.clone(),
+        publisher,
+        exit.clone(),
+    ));
+    let tasks = containerd_shim_protos::shim_async::create_task(Arc::new(task::TaskService(
+        service.clone(),
+    )));
+    let migration = proto::migration_ttrpc::create_migration(Arc::new(
+        migration::MigrationService::new(service.clone()),
+    ));
+    let path = flags
+        .socket
+        .strip_prefix("unix://")
+        .unwrap_or(&flags.socket)
+        .to_string();
+    let listener = bind(&path).await?;
+    let listener = Listener::try_from(listener).map_err(|e| format!("listening on {path}: {e}"))?;
+    let mut server = Server::new()
+        .add_listener(listener)
+        .register_service(tasks)
+        .register_service(migration);
+    server
+        .start()
+        .await
+        .map_err(|e| format!("serving on {path}: {e}"))?;
+    // `start` reads our stdout until it closes: that is how it knows we serve.
+    // SAFETY: dup2 on the process's own standard descriptors.
+    unsafe {
+        libc::dup2(libc::STDERR_FILENO, libc::STDOUT_FILENO);
+    }
+    tracing::info!(socket = %path, "serving the Task and Migration services");
+    exit.wait().await;
+    tracing::info!("shutting down");
+    let _ = server.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+/// Binds the shim's socket; a stale socket file of a dead shim is replaced.
+async fn bind(path: &str) -> Result<std::os::unix::net::UnixListener, String> {
+    if let Some(dir) = std::path::Path::new(path).parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(format!("{path} is served by another shim"));
+            }
+            let _ = std::fs::remove_file(path);
+            std::os::unix::net::UnixListener::bind(path)
+                .map_err(|e| format!("listening on {path}: {e}"))
+        }
+        Err(e) => Err(format!("listening on {path}: {e}")),
+    }
+}
+
+fn ignore_signals() {
+    use tokio::signal::unix::{SignalKind, signal};
+    for kind in [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::pipe(),
+    ] {
+        if let Ok(mut s) = signal(kind) {
+            tokio::spawn(async move {
+                while s.recv().await.is_some() {
+                    tracing::debug!(signal = ?kind, "ignored");
+                }
+            });
+        }
+    }
 }
 
 struct FerryShim {
@@ -78,7 +200,14 @@ impl Shim for FerryShim {
         // One shim per sandbox: containers of a pod name their sandbox in this annotation
         // (CRI); alone, a container is its own sandbox.
         let grouping = opts.id.clone();
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // In the bundle (our working directory): containerd reconnects to a running shim
+        // through it after a restart, and an orchestrator finds the Migration service there.
+        std::fs::write("address", &address).map_err(|e| Error::IoError {
+            context: "writing the bundle's address file".into(),
+            err: e,
+        })?;
+        Ok(address)
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {

@@ -108,9 +108,10 @@ struct TaskRec {
 
 /// The sandbox's UVM, once the first task has started it.
 #[derive(Clone)]
-struct Uvm {
-    root: PathBuf,
-    name: String,
+pub struct Uvm {
+    pub root: PathBuf,
+    pub name: String,
+    pub backend: Backend,
 }
 
 pub struct Service {
@@ -160,6 +161,27 @@ impl Service {
         })
     }
 
+    /// The sandbox's UVM, if it has one.
+    pub async fn current_uvm(&self) -> Option<Uvm> {
+        self.uvm.lock().await.clone()
+    }
+
+    /// Forgets the UVM without stopping it: it has moved to another host.
+    pub async fn release_uvm(&self) {
+        self.uvm.lock().await.take();
+    }
+
+    /// The sandbox's tasks and, for each, its exec ids.
+    pub fn task_ids(&self) -> Vec<(String, Vec<String>)> {
+        self.tasks()
+            .iter()
+            .map(|(id, t)| {
+                let execs = t.procs.keys().filter(|k| !k.is_empty()).cloned().collect();
+                (id.clone(), execs)
+            })
+            .collect()
+    }
+
     async fn uvm(&self) -> TtrpcResult<Uvm> {
         self.uvm
             .lock()
@@ -188,6 +210,7 @@ impl Service {
         let uvm = Uvm {
             root: cfg.state_root(),
             name: config::uvm_name(&self.namespace, &self.shim_id),
+            backend: cfg.backend.clone(),
         };
         if client::request(&uvm.root, &uvm.name, &Request::Info)
             .await

@@ -291,7 +291,8 @@ impl Drop for Lab {
         let _ = self.containerd.wait();
         let _ = Command::new("pkill")
             .args(["-9", "-f", "--"])
-            .arg(format!("{}/ferry", self.dir.display()))
+            // ferry's shims, agents and VMs of this lab (its state dirs are inside).
+            .arg(format!("{}/", self.dir.display()))
             .status();
         for m in self.mounts().iter().rev() {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
