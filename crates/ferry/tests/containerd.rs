@@ -87,9 +87,14 @@ fn run_gives_exit_codes_and_output_as_runc_does() {
 }
 
 /// Starts `ctr events` and returns a receiver of its lines.
-fn events(lab: &Lab) -> (Child, std::sync::mpsc::Receiver<String>) {
+pub(crate) fn events(lab: &Lab) -> (Child, std::sync::mpsc::Receiver<String>) {
+    events_in(lab, &lab.namespace)
+}
+
+/// `ctr events` of one containerd namespace.
+pub(crate) fn events_in(lab: &Lab, namespace: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
     let mut child = lab
-        .ctr_cmd(&["events"])
+        .ctr_cmd_in(namespace, &["events"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -108,7 +113,11 @@ fn events(lab: &Lab) -> (Child, std::sync::mpsc::Receiver<String>) {
 }
 
 /// Waits for an event line with `topic` that contains `needle`; returns it.
-fn wait_event(rx: &std::sync::mpsc::Receiver<String>, topic: &str, needle: &str) -> String {
+pub(crate) fn wait_event(
+    rx: &std::sync::mpsc::Receiver<String>,
+    topic: &str,
+    needle: &str,
+) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -730,5 +739,304 @@ mod migration {
         let del = lab.ctr(&["task", "delete", "-f", "mover"], None);
         assert_eq!(del.code, 0, "{del:?}");
         ferry(&["uvm", "stop", &source_uvm]);
+    }
+
+    /// Two "hosts" (two containerd namespaces, two ferry state roots), one orchestrator: the
+    /// task moves between two containerd shims through their Migration services while a
+    /// client on the destination streams its output.
+    #[test]
+    fn a_running_task_moves_between_two_shims() {
+        if skip("a_running_task_moves_between_two_shims")
+            || lab::skip_qemu("a_running_task_moves_between_two_shims")
+        {
+            return;
+        }
+        let lab = Lab::start();
+        lab.use_guest_image();
+        let source_cfg = lab.dir.join("source.json");
+        std::fs::write(&source_cfg, r#"{"backend":"qemu","memory_mib":256}"#).unwrap();
+        let dest_root = lab.dir.join("dest");
+        std::fs::create_dir_all(dest_root.join("images")).unwrap();
+        std::os::unix::fs::symlink(
+            std::fs::read_link(lab.dir.join("ferry/images/uvm")).unwrap(),
+            dest_root.join("images/uvm"),
+        )
+        .unwrap();
+        let dest_cfg = lab.dir.join("dest.json");
+        std::fs::write(
+            &dest_cfg,
+            format!(
+                r#"{{"backend":"qemu","memory_mib":256,"state_dir":"{}","incoming_session":"s1"}}"#,
+                dest_root.display()
+            ),
+        )
+        .unwrap();
+        let dest_ns = format!("{}-dest", lab.namespace);
+        let counter = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done";
+        let run = lab.ctr(
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                FERRY,
+                "--runtime-config-path",
+                source_cfg.to_str().unwrap(),
+                IMAGE,
+                "mover",
+                "sh",
+                "-c",
+                counter,
+            ],
+            None,
+        );
+        assert_eq!(run.code, 0, "{run:?}");
+        // The destination's containerd learns the task first; its start waits for it.
+        // The destination "host" takes its configuration from the shim's config file. The
+        // container's own command does not matter (the image's default is used): the process
+        // comes with the sandbox.
+        lab.set_ferry_config(&std::fs::read_to_string(&dest_cfg).unwrap());
+        let import = lab.ctr_in(
+            &dest_ns,
+            &["images", "import", lab::image_archive().to_str().unwrap()],
+            None,
+        );
+        assert_eq!(import.code, 0, "{import:?}");
+        let create = lab.ctr_in(
+            &dest_ns,
+            &["container", "create", "--runtime", FERRY, IMAGE, "mover"],
+            None,
+        );
+        assert_eq!(create.code, 0, "{create:?}");
+        let (mut ev, rx) = super::events_in(&lab, &dest_ns);
+        let mut streamer = lab
+            .ctr_cmd_in(&dest_ns, &["task", "start", "mover"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        super::wait_event(&rx, "/tasks/create", &format!("{dest_ns} /tasks/create"));
+        let _ = ev.kill();
+        let _ = ev.wait();
+        let dest_address = std::fs::read_to_string(lab.dir.join(format!(
+            "state/io.containerd.runtime.v2.task/{dest_ns}/mover/address"
+        )))
+        .unwrap();
+        runtime().block_on(async {
+            let src = client(&lab, "mover").await;
+            let dst = MigrationClient::new(Client::connect(dest_address.trim()).await.unwrap());
+            let session = "s1".to_string();
+            let exported = src
+                .prepare_and_export_sandbox(
+                    ctx(),
+                    &PrepareAndExportSandboxRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("export");
+            // The destination refuses calls out of order before and after the import.
+            let (c, msg) = code(
+                dst.prepare_sandbox(
+                    ctx(),
+                    &PrepareSandboxRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::NOT_FOUND, "{msg}");
+            dst.import_sandbox(
+                ctx(),
+                &ImportSandboxRequest {
+                    session_id: session.clone(),
+                    config: exported.config.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("import");
+            let (c, msg) = code(
+                dst.finalize_sandbox(
+                    ctx(),
+                    &FinalizeSandboxRequest {
+                        session_id: session.clone(),
+                        action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
+                        ..Default::default()
+                    },
+                )
+                .await,
+            );
+            assert_eq!(c, Code::FAILED_PRECONDITION, "{msg}");
+            let prepared = dst
+                .prepare_sandbox(
+                    ctx(),
+                    &PrepareSandboxRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("prepare");
+            let mut src_notes = src
+                .notifications(
+                    ctx(),
+                    &NotificationsRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut dst_notes = dst
+                .notifications(
+                    ctx(),
+                    &NotificationsRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut dst_transfer = dst
+                .transfer_sandbox(
+                    ctx(),
+                    &TransferSandboxRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let mut src_transfer = src
+                .transfer_sandbox(
+                    ctx(),
+                    &TransferSandboxRequest {
+                        session_id: session.clone(),
+                        address: prepared.address.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            while let Some(r) = src_transfer.recv().await.expect("source transfer stream") {
+                assert!(r.error.is_empty(), "source: {}", r.error);
+            }
+            while let Some(r) = dst_transfer
+                .recv()
+                .await
+                .expect("destination transfer stream")
+            {
+                assert!(r.error.is_empty(), "destination: {}", r.error);
+            }
+            src.finalize_sandbox(
+                ctx(),
+                &FinalizeSandboxRequest {
+                    session_id: session.clone(),
+                    action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("finalize source");
+            dst.finalize_sandbox(
+                ctx(),
+                &FinalizeSandboxRequest {
+                    session_id: session.clone(),
+                    action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("finalize destination");
+            for (side, notes) in [("source", &mut src_notes), ("destination", &mut dst_notes)] {
+                let mut all = Vec::new();
+                while let Some(n) = notes.recv().await.expect("notifications") {
+                    all.push(n);
+                }
+                let last = all.last().expect("notifications");
+                assert!(
+                    last.terminal && last.phase == "done" && last.outcome == "success",
+                    "{side}: {all:?}"
+                );
+                assert!(
+                    all.iter().rev().skip(1).all(|n| !n.terminal),
+                    "{side}: one terminal, last"
+                );
+                assert!(
+                    all.windows(2).all(|w| w[0].unix_ms <= w[1].unix_ms),
+                    "{side}: in order"
+                );
+            }
+        });
+        // The destination's client streams the output from where it joined: consecutive lines.
+        let mut out = std::io::BufReader::new(streamer.stdout.take().unwrap());
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+        let mut n: u64 = first
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("a counter line: {first:?}"));
+        for _ in 0..20 {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            n += 1;
+            assert_eq!(
+                line.trim(),
+                n.to_string(),
+                "the destination's output goes on, line by line"
+            );
+        }
+        // containerd on the destination sees the task running; the full output, kept by ferry
+        // there, has every line once from the start.
+        let ls = lab.ctr_in(&dest_ns, &["task", "ls"], None);
+        assert!(
+            ls.stdout
+                .lines()
+                .any(|l| l.starts_with("mover") && l.contains("RUNNING")),
+            "{ls:?}"
+        );
+        let logs = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .env("FERRY_STATE_DIR", &dest_root)
+            .args(["logs", &format!("{}-mover", lab.namespace), "mover"])
+            .output()
+            .unwrap();
+        let total = counter_lines(&String::from_utf8_lossy(&logs.stdout));
+        assert!(
+            total as u64 >= n,
+            "ferry's log at the destination has it all ({total} lines, client saw {n})"
+        );
+        // The source cleaned up: its UVM is gone; containerd deletes the task there.
+        assert!(
+            !lab.uvms().contains(&format!("{}-mover", lab.namespace)),
+            "{:?}",
+            lab.uvms()
+        );
+        let del = lab.ctr(&["task", "delete", "mover"], None);
+        assert_eq!(del.code, 0, "{del:?}");
+        // And the destination task ends like any other.
+        let kill = lab.ctr_in(&dest_ns, &["task", "kill", "-s", "SIGKILL", "mover"], None);
+        assert_eq!(kill.code, 0, "{kill:?}");
+        let status = streamer.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(137),
+            "the destination client sees the kill"
+        );
+        // (A foreground `ctr task start` deletes its task when it ends.)
+        let ls = lab.ctr_in(&dest_ns, &["task", "ls", "-q"], None);
+        assert!(!ls.stdout.contains("mover"), "{ls:?}");
+        lab.ctr_in(&dest_ns, &["container", "rm", "mover"], None);
+        lab.ctr(&["container", "rm", "mover"], None);
+        assert!(
+            !dest_root.join("uvms").exists()
+                || std::fs::read_dir(dest_root.join("uvms"))
+                    .unwrap()
+                    .next()
+                    .is_none(),
+            "the destination's UVM went with its last task"
+        );
     }
 }

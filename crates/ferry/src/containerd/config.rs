@@ -59,6 +59,9 @@ pub struct RuntimeConfig {
     pub initrd: Option<PathBuf>,
     /// Captured output kept per stream, MiB (default 64).
     pub log_limit_mib: Option<u64>,
+    /// Create the task as the destination of migration session S: nothing starts here; the
+    /// task arrives with its sandbox (Migration service) and its start attaches to it.
+    pub incoming_session: Option<String>,
 }
 
 impl RuntimeConfig {
@@ -149,6 +152,20 @@ impl RuntimeConfig {
             && !(1..=1 << 20).contains(&l)
         {
             return Err(format!("log_limit_mib {l} is outside 1..=1048576"));
+        }
+        if let Some(s) = &self.incoming_session
+            && (s.is_empty()
+                || s.len() > 128
+                || !s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
+            return Err(format!(
+                "incoming_session {s:?}: 1 to 128 of [A-Za-z0-9._-]"
+            ));
+        }
+        if self.incoming_session.is_some() && self.backend != Backend::Qemu {
+            return Err("incoming_session needs backend \"qemu\" (only VMs move)".into());
         }
         if self.kernel.is_some() != self.initrd.is_some() {
             return Err("kernel and initrd go together".into());

@@ -13,9 +13,14 @@
 //! shim sends memory, then its snapshot and captured output, to the address the destination
 //! gave, and recovers (the VM runs on here) if anything fails before the switch-over. The
 //! destination may be a containerd shim's PrepareSandbox or a `ferry uvm receive` endpoint.
+//! The task keeps its id; its UVM keeps its name (the source's), in the destination's ferry
+//! state directory.
 //!
-//! Today the destination side of this service (ImportSandbox, PrepareSandbox) answers
-//! UNIMPLEMENTED: the destination host receives with `ferry uvm receive`.
+//! On the destination, containerd must know the tasks before they arrive: the orchestrator
+//! creates each task (with the same id) in the destination's containerd with the runtime
+//! option `incoming_session`, which makes nothing run and starts this shim; starting such a
+//! task waits until FinalizeSandbox(RESUME), then attaches to the process that arrived.
+//! PrepareSandbox starts ferry's receiving shim and answers the address for the source.
 
 use super::config::Backend;
 use super::proto::migration::*;
@@ -56,6 +61,8 @@ const EXPORT_FORMAT: &str = "ferry-sandbox-1";
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Stage {
     Exported,
+    Imported,
+    Prepared,
     Transferring,
     /// The VM runs on the destination; the source waits for FinalizeSandbox(STOP).
     Transferred,
@@ -68,6 +75,8 @@ impl Stage {
     fn name(&self) -> &'static str {
         match self {
             Stage::Exported => "exported",
+            Stage::Imported => "imported",
+            Stage::Prepared => "prepared",
             Stage::Transferring => "transferring",
             Stage::Transferred => "transferred",
             Stage::NotMoved(_) => "not moved",
@@ -80,8 +89,17 @@ impl Stage {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Source,
+    Destination,
+}
+
 struct Session {
     id: String,
+    role: Role,
+    /// Destination: the UVM that arrives (its name is the source's) and ferry's state root.
+    arriving: Option<(std::path::PathBuf, String)>,
     options: Vec<u8>,
     stage: Mutex<Stage>,
     /// Every notification so far; a Notifications stream replays them, then follows.
@@ -204,6 +222,8 @@ impl Migration for MigrationService {
             }
             let s = Arc::new(Session {
                 id: req.session_id.clone(),
+                role: Role::Source,
+                arriving: None,
                 options: req.init_options.clone(),
                 stage: Mutex::new(Stage::Exported),
                 notes: watch::channel(Vec::new()).0,
@@ -239,10 +259,78 @@ impl Migration for MigrationService {
         req: ImportSandboxRequest,
     ) -> Result<ImportSandboxResponse> {
         check_session_id(&req.session_id)?;
-        Err(fail(
-            Code::UNIMPLEMENTED,
-            "this shim cannot be a migration destination yet; receive with `ferry uvm receive NAME` and pass its address to TransferSandbox on the source",
-        ))
+        let config: serde_json::Value = serde_json::from_slice(&req.config).map_err(|e| {
+            fail(
+                Code::INVALID_ARGUMENT,
+                format!("config: not an exported sandbox: {e}"),
+            )
+        })?;
+        if config["format"] != EXPORT_FORMAT {
+            return Err(fail(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "config: format {} is not {EXPORT_FORMAT:?}",
+                    config["format"]
+                ),
+            ));
+        }
+        if config["session"] != req.session_id.as_str() {
+            return Err(fail(
+                Code::INVALID_ARGUMENT,
+                format!(
+                    "config was exported for session {}, not {:?}",
+                    config["session"], req.session_id
+                ),
+            ));
+        }
+        let name = config["uvm"].as_str().unwrap_or("").to_string();
+        crate::paths::validate_uvm_name(&name)
+            .map_err(|e| fail(Code::INVALID_ARGUMENT, format!("config: {e}")))?;
+        let exported: Vec<String> = config["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["id"].as_str().map(String::from))
+            .collect();
+        let cfg = self.sandbox.incoming_config().ok_or_else(|| {
+            fail(
+                Code::FAILED_PRECONDITION,
+                "this sandbox was not created to receive a migration (create its tasks with the runtime option incoming_session)",
+            )
+        })?;
+        let mut here = self.sandbox.incoming_tasks(&req.session_id);
+        here.sort();
+        let mut want = exported.clone();
+        want.sort();
+        if here != want {
+            return Err(fail(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "the sandbox brings tasks {want:?}; tasks created here for session {:?}: {here:?}",
+                    req.session_id
+                ),
+            ));
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.contains_key(&req.session_id) {
+            return Err(fail(
+                Code::ALREADY_EXISTS,
+                format!("migration session {:?} exists", req.session_id),
+            ));
+        }
+        let s = Arc::new(Session {
+            id: req.session_id.clone(),
+            role: Role::Destination,
+            arriving: Some((cfg.state_root(), name.clone())),
+            options: Vec::new(),
+            stage: Mutex::new(Stage::Imported),
+            notes: watch::channel(Vec::new()).0,
+            cancel: watch::channel(false).0,
+        });
+        s.note("setup_done", "", "sandbox imported", false);
+        sessions.insert(req.session_id.clone(), s);
+        tracing::info!(session = %req.session_id, uvm = %name, "migration imported on the destination");
+        Ok(ImportSandboxResponse::default())
     }
 
     async fn prepare_sandbox(
@@ -250,11 +338,38 @@ impl Migration for MigrationService {
         _ctx: &TtrpcContext,
         req: PrepareSandboxRequest,
     ) -> Result<PrepareSandboxResponse> {
-        check_session_id(&req.session_id)?;
-        Err(fail(
-            Code::UNIMPLEMENTED,
-            "this shim cannot be a migration destination yet; receive with `ferry uvm receive NAME`",
-        ))
+        let s = self.session(&req.session_id)?;
+        if s.role != Role::Destination || s.stage() != Stage::Imported {
+            return Err(out_of_order(
+                "PrepareSandbox",
+                &s,
+                "it follows ImportSandbox on the destination, once",
+            ));
+        }
+        uvm::migration::QemuMigrationPlan::from_bytes(&req.init_options)
+            .map_err(|e| fail(Code::INVALID_ARGUMENT, format!("init_options: {e}")))?;
+        let (root, name) = s.arriving.clone().expect("a destination session");
+        let cfg = self.sandbox.incoming_config().unwrap_or_default();
+        let mut extra = vec!["--backend=qemu".to_string(), "--incoming".to_string()];
+        if !req.listen.is_empty() {
+            extra.push(format!("--listen={}", req.listen));
+        }
+        extra.extend(cfg.qemu_args().shim_args());
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        crate::commands::spawn_shim(&root, &name, &extra)
+            .await
+            .map_err(|e| fail(Code::INTERNAL, format!("starting the receiver: {e}")))?;
+        s.set(Stage::Prepared);
+        s.note("prepared", "", "waiting for the source", false);
+        let address = if req.listen.is_empty() {
+            format!("unix:{}", UvmPaths::new(&root, &name).control().display())
+        } else {
+            format!("tcp:{}", req.listen)
+        };
+        Ok(PrepareSandboxResponse {
+            address,
+            ..Default::default()
+        })
     }
 
     async fn transfer_sandbox(
@@ -264,6 +379,9 @@ impl Migration for MigrationService {
         sink: ServerStreamSender<TransferSandboxResponse>,
     ) -> Result<()> {
         let s = self.session(&req.session_id)?;
+        if s.role == Role::Destination {
+            return self.receive(&s, &req, sink).await;
+        }
         if req.address.is_empty() {
             return Err(fail(
                 Code::INVALID_ARGUMENT,
@@ -363,6 +481,9 @@ impl Migration for MigrationService {
         let s = self.session(&req.session_id)?;
         let action = req.action.enum_value_or_default();
         let stage = s.stage();
+        if s.role == Role::Destination {
+            return self.finalize_destination(&s, action).await;
+        }
         match action {
             FinalizeAction::FINALIZE_ACTION_STOP => {
                 if stage != Stage::Transferred {
@@ -432,6 +553,25 @@ impl Migration for MigrationService {
 
     async fn cancel(&self, _ctx: &TtrpcContext, req: CancelRequest) -> Result<CancelResponse> {
         let s = self.session(&req.session_id)?;
+        if s.role == Role::Destination {
+            match s.stage() {
+                Stage::Imported | Stage::Prepared => {
+                    self.give_up(&s, "cancelled before the transfer", "cancelled")
+                        .await;
+                }
+                Stage::Transferring => {
+                    s.cancel.send_replace(true);
+                }
+                _ => {
+                    return Err(out_of_order(
+                        "Cancel",
+                        &s,
+                        "only a session that has not received the sandbox can be cancelled",
+                    ));
+                }
+            }
+            return Ok(CancelResponse::default());
+        }
         match s.stage() {
             Stage::Exported => {
                 s.set(Stage::NotMoved("cancelled before the transfer".into()));
@@ -467,6 +607,166 @@ impl Migration for MigrationService {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&req.session_id);
         Ok(CleanupResponse::default())
+    }
+}
+
+impl MigrationService {
+    /// Destination TransferSandbox: waits until ferry's receiver runs the arrived VM.
+    async fn receive(
+        &self,
+        s: &Arc<Session>,
+        req: &TransferSandboxRequest,
+        sink: ServerStreamSender<TransferSandboxResponse>,
+    ) -> Result<()> {
+        {
+            let mut stage = s.stage.lock().unwrap_or_else(|p| p.into_inner());
+            if *stage != Stage::Prepared {
+                drop(stage);
+                return Err(out_of_order(
+                    "TransferSandbox",
+                    s,
+                    "on the destination it follows PrepareSandbox, once",
+                ));
+            }
+            *stage = Stage::Transferring;
+        }
+        let (root, name) = s.arriving.clone().expect("a destination session");
+        let started = now_ms();
+        let timeout = std::time::Duration::from_millis(match req.timeout_ms {
+            0 => DEFAULT_TIMEOUT_MS,
+            t => t,
+        });
+        let event = |id: u32, ev: serde_json::Value, error: String| TransferSandboxResponse {
+            message_id: id,
+            event: ev.to_string(),
+            error,
+            start_time_unix_ms: started,
+            update_time_unix_ms: now_ms(),
+            ..Default::default()
+        };
+        let _ = sink
+            .send(&event(
+                1,
+                serde_json::json!({"phase": "waiting", "origin": "destination"}),
+                String::new(),
+            ))
+            .await;
+        let arrived = wait_running(&root, &name, timeout, s.cancel.subscribe()).await;
+        match arrived {
+            Ok(()) => {
+                s.set(Stage::Transferred);
+                s.note(
+                    "transferred",
+                    "success",
+                    "the sandbox runs here; finalize with RESUME",
+                    false,
+                );
+                let _ = sink
+                    .send(&event(
+                        2,
+                        serde_json::json!({"phase": "received", "origin": "destination"}),
+                        String::new(),
+                    ))
+                    .await;
+            }
+            Err(e) => {
+                self.give_up(s, &e, "destination_failed").await;
+                let _ = sink
+                    .send(&event(
+                        2,
+                        serde_json::json!({"phase": "failed", "origin": "destination"}),
+                        e,
+                    ))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finalize_destination(
+        &self,
+        s: &Arc<Session>,
+        action: FinalizeAction,
+    ) -> Result<FinalizeSandboxResponse> {
+        match action {
+            FinalizeAction::FINALIZE_ACTION_RESUME => {
+                if s.stage() != Stage::Transferred {
+                    return Err(out_of_order(
+                        "FinalizeSandbox(RESUME)",
+                        s,
+                        "RESUME on the destination follows a completed TransferSandbox",
+                    ));
+                }
+                let (root, name) = s.arriving.clone().expect("a destination session");
+                self.sandbox
+                    .arrive(super::task::Uvm {
+                        root,
+                        name,
+                        backend: Backend::Qemu,
+                    })
+                    .await;
+                s.set(Stage::Finalized);
+                s.note("done", "success", "the sandbox runs here", true);
+                tracing::info!(session = %s.id, "migration finalized on the destination");
+            }
+            FinalizeAction::FINALIZE_ACTION_STOP => {
+                if matches!(s.stage(), Stage::Finalized | Stage::Transferring) {
+                    return Err(out_of_order(
+                        "FinalizeSandbox(STOP)",
+                        s,
+                        "STOP on the destination discards a session that has not finished",
+                    ));
+                }
+                self.give_up(s, "stopped by the orchestrator", "cancelled")
+                    .await;
+            }
+            FinalizeAction::FINALIZE_ACTION_UNSPECIFIED => {
+                return Err(fail(
+                    Code::INVALID_ARGUMENT,
+                    "FinalizeSandbox needs an action (STOP or RESUME)",
+                ));
+            }
+        }
+        Ok(FinalizeSandboxResponse::default())
+    }
+
+    /// Ends a destination session without the sandbox: the receiver (and any VM it started)
+    /// goes, waiting starts fail with `why`.
+    async fn give_up(&self, s: &Session, why: &str, outcome: &str) {
+        if let Some((root, name)) = &s.arriving {
+            super::task::stop_uvm(root, name).await;
+        }
+        self.sandbox.abandon(why);
+        s.set(Stage::NotMoved(why.to_string()));
+        s.note("failed", outcome, why, true);
+    }
+}
+
+/// Polls ferry's receiving shim until it runs the arrived VM (there is no event to wait on
+/// across processes; the receiver answers Info at once). Ends on `cancel` or `timeout`.
+async fn wait_running(
+    root: &std::path::Path,
+    name: &str,
+    timeout: std::time::Duration,
+    mut cancel: watch::Receiver<bool>,
+) -> std::result::Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match crate::client::request(root, name, &Request::Info).await {
+            Ok((data, _)) if data["uvm"]["running"] == true => return Ok(()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("the receiver went away: {e}")),
+        }
+        if *cancel.borrow() {
+            return Err("cancelled".into());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("nothing arrived within {timeout:?}"));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            _ = cancel.changed() => {}
+        }
     }
 }
 

@@ -211,11 +211,13 @@ impl Shim for FerryShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        // The shim is gone (crashed or killed): what it ran goes with it.
-        let cfg = config::RuntimeConfig::load_file().unwrap_or_default();
-        let name = config::uvm_name(&self.namespace, &self.id);
-        task::stop_uvm(&cfg.state_root(), &name).await;
+        // The shim is gone (crashed or killed): what it ran goes with it. Only the UVM the
+        // bundle records: one that moved away, or never started, is not ours to stop.
         if let Ok(bundle) = std::env::current_dir() {
+            if let Some((root, name)) = task::recorded_uvm(&bundle) {
+                task::stop_uvm(&root, &name).await;
+                let _ = std::fs::remove_file(bundle.join(task::UVM_RECORD));
+            }
             task::unmount_root(&config::bundle_rootfs(&bundle));
         }
         let now = std::time::SystemTime::now()

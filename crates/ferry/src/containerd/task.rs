@@ -101,6 +101,8 @@ impl Proc {
 struct TaskRec {
     bundle: PathBuf,
     root: PathBuf,
+    /// The migration session this task arrives by (created here, started elsewhere).
+    incoming: Option<String>,
     /// Whether this shim mounted the root (and unmounts it on delete).
     mounted: bool,
     procs: HashMap<String, Arc<Proc>>,
@@ -123,6 +125,18 @@ pub struct Service {
     tasks: Mutex<HashMap<String, TaskRec>>,
     /// Serialises creations, so two creates of one id cannot both pass the existence check.
     creating: tokio::sync::Mutex<()>,
+    /// The configuration of the create that made this sandbox a migration destination.
+    incoming_config: Mutex<Option<RuntimeConfig>>,
+    /// Where an incoming sandbox stands; starts of its tasks wait for it.
+    arrival: watch::Sender<Arrival>,
+}
+
+/// An incoming sandbox's progress, as its tasks' starts see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    Pending,
+    Arrived,
+    Abandoned(String),
 }
 
 impl Service {
@@ -140,6 +154,8 @@ impl Service {
             uvm: tokio::sync::Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
             creating: tokio::sync::Mutex::new(()),
+            incoming_config: Mutex::new(None),
+            arrival: watch::channel(Arrival::Pending).0,
         }
     }
 
@@ -169,6 +185,38 @@ impl Service {
     /// Forgets the UVM without stopping it: it has moved to another host.
     pub async fn release_uvm(&self) {
         self.uvm.lock().await.take();
+        let _ = std::fs::remove_file(UVM_RECORD);
+    }
+
+    /// The configuration an incoming task was created with, if this sandbox is a migration
+    /// destination.
+    pub fn incoming_config(&self) -> Option<RuntimeConfig> {
+        self.incoming_config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The tasks created here to arrive by `session`.
+    pub fn incoming_tasks(&self, session: &str) -> Vec<String> {
+        self.tasks()
+            .iter()
+            .filter(|(_, t)| t.incoming.as_deref() == Some(session))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The sandbox has arrived: it runs in `uvm`; waiting starts attach to its tasks.
+    pub async fn arrive(&self, uvm: Uvm) {
+        record_uvm(&uvm);
+        *self.uvm.lock().await = Some(uvm);
+        self.arrival.send_replace(Arrival::Arrived);
+    }
+
+    /// The migration that was to bring the sandbox ended without it.
+    pub fn abandon(&self, why: &str) {
+        self.arrival
+            .send_replace(Arrival::Abandoned(why.to_string()));
     }
 
     /// The sandbox's tasks and, for each, its exec ids.
@@ -200,6 +248,28 @@ impl Service {
         }
     }
 
+    async fn publish_create(&self, req: &api::CreateTaskRequest) {
+        self.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: Some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                })
+                .into(),
+                pid: 0,
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+
     /// Starts the sandbox's UVM on the first task (or finds it running from an earlier life
     /// of this shim).
     async fn ensure_uvm(&self, cfg: &RuntimeConfig) -> Result<Uvm, String> {
@@ -228,6 +298,7 @@ impl Service {
             )
             .await?;
         }
+        record_uvm(&uvm);
         *slot = Some(uvm.clone());
         Ok(uvm)
     }
@@ -238,6 +309,7 @@ impl Service {
             return;
         };
         stop_uvm(&uvm.root, &uvm.name).await;
+        let _ = std::fs::remove_file(UVM_RECORD);
     }
 
     /// Watches a started process until it exits; records and publishes the exit.
@@ -391,6 +463,26 @@ async fn import_root(uvm: &Uvm, id: &str, root: &std::path::Path) -> Result<Path
     }
 }
 
+/// The file in the bundle (the shim's working directory) that names the sandbox's UVM, so that
+/// containerd's `delete` after a shim died stops that UVM and no other.
+pub const UVM_RECORD: &str = "ferry-uvm.json";
+
+fn record_uvm(uvm: &Uvm) {
+    let record = serde_json::json!({"root": uvm.root, "name": uvm.name});
+    if let Err(e) = std::fs::write(UVM_RECORD, record.to_string()) {
+        tracing::warn!(error = %e, "cannot record the UVM in the bundle; a cleanup after a crash will not find it");
+    }
+}
+
+/// The UVM recorded in the bundle at `dir`, if any.
+pub fn recorded_uvm(dir: &std::path::Path) -> Option<(PathBuf, String)> {
+    let text = std::fs::read(dir.join(UVM_RECORD)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    let name = v["name"].as_str()?.to_string();
+    crate::paths::validate_uvm_name(&name).ok()?;
+    Some((PathBuf::from(v["root"].as_str()?), name))
+}
+
 /// Stops a UVM if it runs and removes its state directory.
 pub async fn stop_uvm(root: &std::path::Path, name: &str) {
     if let Err(e) = client::request(root, name, &Request::Stop).await {
@@ -446,6 +538,32 @@ impl Task for TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let (mut spec, root) =
             bundle::load(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        if let Some(session) = cfg.incoming_session.clone() {
+            // A migration destination: the task comes with its sandbox; nothing runs here
+            // until the Migration service has received it.
+            *s.incoming_config.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.clone());
+            let stdio = StdioPaths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            };
+            spec.tty = req.terminal;
+            spec.stdin = !req.stdin.is_empty();
+            s.tasks().insert(
+                req.id.clone(),
+                TaskRec {
+                    bundle: bundle.clone(),
+                    root,
+                    incoming: Some(session.clone()),
+                    mounted: false,
+                    procs: [(String::new(), Proc::new(&req.id, "", stdio, spec))].into(),
+                },
+            );
+            tracing::info!(task = %req.id, session = %session, "task created to arrive by migration");
+            s.publish_create(&req).await;
+            return Ok(api::CreateTaskResponse::default());
+        }
         spec.tty = req.terminal;
         spec.stdin = !req.stdin.is_empty();
         let mut mounted = false;
@@ -509,30 +627,13 @@ impl Task for TaskService {
             TaskRec {
                 bundle: bundle.clone(),
                 root,
+                incoming: None,
                 mounted,
                 procs: [(String::new(), init)].into(),
             },
         );
         tracing::info!(task = %req.id, bundle = %req.bundle, "task created");
-        s.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: Some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                })
-                .into(),
-                pid: 0,
-                ..Default::default()
-            }),
-        )
-        .await;
+        s.publish_create(&req).await;
         Ok(api::CreateTaskResponse {
             pid: 0,
             ..Default::default()
@@ -546,7 +647,6 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StartResponse> {
         let s = &self.0;
         let p = s.find(&req.id, &req.exec_id)?;
-        let uvm = s.uvm().await?;
         {
             let st = p.state();
             if st.status != Status::Created {
@@ -565,7 +665,36 @@ impl Task for TaskService {
         let err = Output::open(&p.stdio.stderr)
             .await
             .map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
-        let request = if req.exec_id.is_empty() {
+        let incoming = s
+            .tasks()
+            .get(&req.id)
+            .and_then(|t| t.incoming.clone())
+            .filter(|_| req.exec_id.is_empty());
+        if let Some(session) = &incoming {
+            // Wait for the sandbox to arrive, then take over the running process.
+            let mut rx = s.arrival.subscribe();
+            let arrival = rx
+                .wait_for(|a| *a != Arrival::Pending)
+                .await
+                .map_err(|_| fail(Code::INTERNAL, "the shim is going away"))?
+                .clone();
+            if let Arrival::Abandoned(why) = arrival {
+                return Err(fail(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "task {:?} did not arrive by session {session:?}: {why}",
+                        req.id
+                    ),
+                ));
+            }
+        }
+        let uvm = s.uvm().await?;
+        let request = if incoming.is_some() {
+            Request::Attach {
+                container: req.id.clone(),
+                pid: None,
+            }
+        } else if req.exec_id.is_empty() {
             let root = s
                 .tasks()
                 .get(&req.id)

@@ -155,20 +155,29 @@ impl Lab {
     }
 
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        self.ctr_cmd_in(&self.namespace, args)
+    }
+
+    /// ctr in another containerd namespace (a second "host" for the same containerd).
+    pub fn ctr_cmd_in(&self, namespace: &str, args: &[&str]) -> Command {
         let mut c = Command::new("timeout");
         c.arg(CTR_TIMEOUT)
             .arg("ctr")
             .arg("--address")
             .arg(self.dir.join("c.sock"))
             .arg("--namespace")
-            .arg(&self.namespace)
+            .arg(namespace)
             .args(args);
         c
     }
 
     pub fn ctr(&self, args: &[&str], stdin: Option<&[u8]>) -> Seen {
+        self.ctr_in(&self.namespace, args, stdin)
+    }
+
+    pub fn ctr_in(&self, namespace: &str, args: &[&str], stdin: Option<&[u8]>) -> Seen {
         let mut child = self
-            .ctr_cmd(args)
+            .ctr_cmd_in(namespace, args)
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
