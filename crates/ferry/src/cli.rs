@@ -208,10 +208,24 @@ DEST is another ferry host:
 The options are those of hcsshim's migration InitializeOptions (--options-file takes that
 protobuf message as is); values out of range are refused before anything moves.")]
 pub struct MigrateArgs {
+    /// The UVM; with --containerd, the source sandbox's shim (its ttrpc address or bundle
+    /// directory).
     pub uvm: String,
-    /// The destination host (see below).
+    /// The destination host (see below); with --containerd, the destination sandbox's shim,
+    /// whose tasks were created with the runtime option incoming_session.
     #[arg(long, value_name = "DEST")]
     pub to: String,
+    /// Drive two containerd shims through their Migration service (as an orchestrator
+    /// would): export, import, prepare, transfer, finalize.
+    #[arg(long)]
+    pub containerd: bool,
+    /// The migration session id (--containerd; default: generated).
+    #[arg(long, requires = "containerd")]
+    pub session: Option<String>,
+    /// Where the destination receives, HOST:PORT on TCP (--containerd; default: a Unix
+    /// socket, for two shims on one machine).
+    #[arg(long, requires = "containerd")]
+    pub listen: Option<String>,
     /// Check the options and the destination (image, shape), move nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -56,6 +56,242 @@ fn options(a: &MigrateArgs) -> Result<Vec<u8>, String> {
     Ok(uvm::migration::encode(&o))
 }
 
+mod sandbox {
+    //! `ferry migrate --containerd SOURCE --to DEST`: the reference orchestrator of the
+    //! Migration service two containerd shims serve (see `crate::containerd::migration`).
+
+    use super::{MigrateArgs, Outcome, options};
+    use crate::containerd::proto::migration::*;
+    use crate::containerd::proto::migration_ttrpc::MigrationClient;
+    use containerd_shim_protos::ttrpc;
+
+    fn ctx() -> ttrpc::context::Context {
+        ttrpc::context::with_timeout(0)
+    }
+
+    /// A shim's ttrpc address: given, or read from its bundle's `address` file.
+    fn address(what: &str, given: &str) -> Result<String, String> {
+        if given.starts_with("unix://") {
+            return Ok(given.to_string());
+        }
+        let file = std::path::Path::new(given).join("address");
+        std::fs::read_to_string(&file)
+            .map(|a| a.trim().to_string())
+            .map_err(|e| {
+                format!("{what} {given}: not a unix:// address nor a bundle with an address file ({}: {e})", file.display())
+            })
+    }
+
+    async fn connect(what: &str, given: &str) -> Result<MigrationClient, String> {
+        let address = address(what, given)?;
+        let client = ttrpc::r#async::Client::connect(&address)
+            .await
+            .map_err(|e| format!("{what} shim at {address}: {e}"))?;
+        Ok(MigrationClient::new(client))
+    }
+
+    fn why(e: ttrpc::Error) -> String {
+        match e {
+            ttrpc::Error::RpcStatus(s) => s.message,
+            other => other.to_string(),
+        }
+    }
+
+    pub async fn migrate(a: MigrateArgs, json: bool) -> Outcome {
+        let opts = options(&a)?;
+        uvm::QemuMigrationPlan::from_bytes(&opts).map_err(|e| format!("migration options: {e}"))?;
+        let src = connect("source", &a.uvm).await?;
+        let dst = connect("destination", &a.to).await?;
+        let session = a.session.clone().unwrap_or_else(|| {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(0);
+            format!("ferry-{ms}")
+        });
+        let say = |what: &str| {
+            if json {
+                println!("{}", serde_json::json!({"session": session, "step": what}));
+            } else {
+                eprintln!("{session}: {what}");
+            }
+        };
+        let exported = src
+            .prepare_and_export_sandbox(
+                ctx(),
+                &PrepareAndExportSandboxRequest {
+                    session_id: session.clone(),
+                    init_options: opts.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("source: {}", why(e)))?;
+        say("exported");
+        let prepared = async {
+            dst.import_sandbox(
+                ctx(),
+                &ImportSandboxRequest {
+                    session_id: session.clone(),
+                    config: exported.config.clone(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            dst.prepare_sandbox(
+                ctx(),
+                &PrepareSandboxRequest {
+                    session_id: session.clone(),
+                    init_options: opts.clone(),
+                    listen: a.listen.clone().unwrap_or_default(),
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+        .await;
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                let e = format!("destination: {}", why(e));
+                abandon(&src, &dst, &session).await;
+                return Err(e);
+            }
+        };
+        say(&format!("destination ready at {}", prepared.address));
+        let transferred = transfer(&src, &dst, &session, &prepared.address, json).await;
+        if let Err(e) = transferred {
+            abandon(&src, &dst, &session).await;
+            return Err(format!("{e} (the sandbox runs on the source)"));
+        }
+        src.finalize_sandbox(
+            ctx(),
+            &FinalizeSandboxRequest {
+                session_id: session.clone(),
+                action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("source finalize: {}", why(e)))?;
+        dst.finalize_sandbox(
+            ctx(),
+            &FinalizeSandboxRequest {
+                session_id: session.clone(),
+                action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| format!("destination finalize: {}", why(e)))?;
+        for c in [&src, &dst] {
+            let _ = c
+                .cleanup(
+                    ctx(),
+                    &CleanupRequest {
+                        session_id: session.clone(),
+                        ..Default::default()
+                    },
+                )
+                .await;
+        }
+        say("done: the sandbox runs on the destination");
+        Ok(0)
+    }
+
+    /// Both transfer streams to their ends; Ctrl-C cancels both sides.
+    async fn transfer(
+        src: &MigrationClient,
+        dst: &MigrationClient,
+        session: &str,
+        address: &str,
+        json: bool,
+    ) -> Result<(), String> {
+        let mut dst_stream = dst
+            .transfer_sandbox(
+                ctx(),
+                &TransferSandboxRequest {
+                    session_id: session.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("destination: {}", why(e)))?;
+        let mut src_stream = src
+            .transfer_sandbox(
+                ctx(),
+                &TransferSandboxRequest {
+                    session_id: session.to_string(),
+                    address: address.to_string(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("source: {}", why(e)))?;
+        let mut cancelled = false;
+        loop {
+            let next = tokio::select! {
+                r = src_stream.recv() => r,
+                _ = tokio::signal::ctrl_c(), if !cancelled => {
+                    cancelled = true;
+                    eprintln!("{session}: cancelling (the sandbox goes on running on the source)…");
+                    let req = CancelRequest { session_id: session.to_string(), ..Default::default() };
+                    let _ = src.cancel(ctx(), &req).await;
+                    continue;
+                }
+            };
+            match next.map_err(|e| format!("source: {}", why(e)))? {
+                Some(r) if !r.error.is_empty() => return Err(format!("source: {}", r.error)),
+                Some(r) => {
+                    if json {
+                        println!("{}", r.event);
+                    }
+                }
+                None => break,
+            }
+        }
+        while let Some(r) = dst_stream
+            .recv()
+            .await
+            .map_err(|e| format!("destination: {}", why(e)))?
+        {
+            if !r.error.is_empty() {
+                return Err(format!("destination: {}", r.error));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a session that did not move the sandbox, on both sides.
+    async fn abandon(src: &MigrationClient, dst: &MigrationClient, session: &str) {
+        let cancel = CancelRequest {
+            session_id: session.to_string(),
+            ..Default::default()
+        };
+        let _ = dst.cancel(ctx(), &cancel).await;
+        let _ = src
+            .finalize_sandbox(
+                ctx(),
+                &FinalizeSandboxRequest {
+                    session_id: session.to_string(),
+                    action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        let _ = dst
+            .finalize_sandbox(
+                ctx(),
+                &FinalizeSandboxRequest {
+                    session_id: session.to_string(),
+                    action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+}
+
 /// Turns DEST into an endpoint; a state directory on this machine gets a receiver if it has
 /// none yet.
 async fn endpoint(name: &str, to: &str, root: &Path) -> Result<String, String> {
@@ -81,6 +317,9 @@ async fn endpoint(name: &str, to: &str, root: &Path) -> Result<String, String> {
 }
 
 pub async fn migrate(root: &Path, a: MigrateArgs, json: bool) -> Outcome {
+    if a.containerd {
+        return sandbox::migrate(a, json).await;
+    }
     paths::validate_uvm_name(&a.uvm)?;
     let options = options(&a)?;
     // Refused here already, before a receiver is started for a bad request.

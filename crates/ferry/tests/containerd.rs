@@ -751,6 +751,21 @@ mod migration {
         {
             return;
         }
+        two_shims(false);
+    }
+
+    /// The same, driven by the reference orchestrator: `ferry migrate --containerd`.
+    #[test]
+    fn ferry_migrate_drives_two_shims() {
+        if skip("ferry_migrate_drives_two_shims")
+            || lab::skip_qemu("ferry_migrate_drives_two_shims")
+        {
+            return;
+        }
+        two_shims(true);
+    }
+
+    fn two_shims(via_cli: bool) {
         let lab = Lab::start();
         lab.use_guest_image();
         let source_cfg = lab.dir.join("source.json");
@@ -822,43 +837,148 @@ mod migration {
             "state/io.containerd.runtime.v2.task/{dest_ns}/mover/address"
         )))
         .unwrap();
-        runtime().block_on(async {
-            let src = client(&lab, "mover").await;
-            let dst = MigrationClient::new(Client::connect(dest_address.trim()).await.unwrap());
-            let session = "s1".to_string();
-            let exported = src
-                .prepare_and_export_sandbox(
+        if via_cli {
+            let bundle = |ns: &str| {
+                lab.dir
+                    .join(format!("state/io.containerd.runtime.v2.task/{ns}/mover"))
+            };
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["migrate", "--containerd", "--session", "s1", "--json"])
+                .arg(bundle(&lab.namespace))
+                .arg("--to")
+                .arg(bundle(&dest_ns))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ferry migrate --containerd: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let steps = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                steps.lines().last().unwrap_or("").contains("done"),
+                "{steps}"
+            );
+        } else {
+            runtime().block_on(async {
+                let src = client(&lab, "mover").await;
+                let dst = MigrationClient::new(Client::connect(dest_address.trim()).await.unwrap());
+                let session = "s1".to_string();
+                let exported = src
+                    .prepare_and_export_sandbox(
+                        ctx(),
+                        &PrepareAndExportSandboxRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("export");
+                // The destination refuses calls out of order before and after the import.
+                let (c, msg) = code(
+                    dst.prepare_sandbox(
+                        ctx(),
+                        &PrepareSandboxRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await,
+                );
+                assert_eq!(c, Code::NOT_FOUND, "{msg}");
+                dst.import_sandbox(
                     ctx(),
-                    &PrepareAndExportSandboxRequest {
+                    &ImportSandboxRequest {
                         session_id: session.clone(),
+                        config: exported.config.clone(),
                         ..Default::default()
                     },
                 )
                 .await
-                .expect("export");
-            // The destination refuses calls out of order before and after the import.
-            let (c, msg) = code(
-                dst.prepare_sandbox(
+                .expect("import");
+                let (c, msg) = code(
+                    dst.finalize_sandbox(
+                        ctx(),
+                        &FinalizeSandboxRequest {
+                            session_id: session.clone(),
+                            action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
+                            ..Default::default()
+                        },
+                    )
+                    .await,
+                );
+                assert_eq!(c, Code::FAILED_PRECONDITION, "{msg}");
+                let prepared = dst
+                    .prepare_sandbox(
+                        ctx(),
+                        &PrepareSandboxRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .expect("prepare");
+                let mut src_notes = src
+                    .notifications(
+                        ctx(),
+                        &NotificationsRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let mut dst_notes = dst
+                    .notifications(
+                        ctx(),
+                        &NotificationsRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let mut dst_transfer = dst
+                    .transfer_sandbox(
+                        ctx(),
+                        &TransferSandboxRequest {
+                            session_id: session.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                let mut src_transfer = src
+                    .transfer_sandbox(
+                        ctx(),
+                        &TransferSandboxRequest {
+                            session_id: session.clone(),
+                            address: prepared.address.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                while let Some(r) = src_transfer.recv().await.expect("source transfer stream") {
+                    assert!(r.error.is_empty(), "source: {}", r.error);
+                }
+                while let Some(r) = dst_transfer
+                    .recv()
+                    .await
+                    .expect("destination transfer stream")
+                {
+                    assert!(r.error.is_empty(), "destination: {}", r.error);
+                }
+                src.finalize_sandbox(
                     ctx(),
-                    &PrepareSandboxRequest {
+                    &FinalizeSandboxRequest {
                         session_id: session.clone(),
+                        action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
                         ..Default::default()
                     },
                 )
-                .await,
-            );
-            assert_eq!(c, Code::NOT_FOUND, "{msg}");
-            dst.import_sandbox(
-                ctx(),
-                &ImportSandboxRequest {
-                    session_id: session.clone(),
-                    config: exported.config.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("import");
-            let (c, msg) = code(
+                .await
+                .expect("finalize source");
                 dst.finalize_sandbox(
                     ctx(),
                     &FinalizeSandboxRequest {
@@ -867,110 +987,29 @@ mod migration {
                         ..Default::default()
                     },
                 )
-                .await,
-            );
-            assert_eq!(c, Code::FAILED_PRECONDITION, "{msg}");
-            let prepared = dst
-                .prepare_sandbox(
-                    ctx(),
-                    &PrepareSandboxRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    },
-                )
                 .await
-                .expect("prepare");
-            let mut src_notes = src
-                .notifications(
-                    ctx(),
-                    &NotificationsRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let mut dst_notes = dst
-                .notifications(
-                    ctx(),
-                    &NotificationsRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let mut dst_transfer = dst
-                .transfer_sandbox(
-                    ctx(),
-                    &TransferSandboxRequest {
-                        session_id: session.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            let mut src_transfer = src
-                .transfer_sandbox(
-                    ctx(),
-                    &TransferSandboxRequest {
-                        session_id: session.clone(),
-                        address: prepared.address.clone(),
-                        ..Default::default()
-                    },
-                )
-                .await
-                .unwrap();
-            while let Some(r) = src_transfer.recv().await.expect("source transfer stream") {
-                assert!(r.error.is_empty(), "source: {}", r.error);
-            }
-            while let Some(r) = dst_transfer
-                .recv()
-                .await
-                .expect("destination transfer stream")
-            {
-                assert!(r.error.is_empty(), "destination: {}", r.error);
-            }
-            src.finalize_sandbox(
-                ctx(),
-                &FinalizeSandboxRequest {
-                    session_id: session.clone(),
-                    action: FinalizeAction::FINALIZE_ACTION_STOP.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("finalize source");
-            dst.finalize_sandbox(
-                ctx(),
-                &FinalizeSandboxRequest {
-                    session_id: session.clone(),
-                    action: FinalizeAction::FINALIZE_ACTION_RESUME.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .expect("finalize destination");
-            for (side, notes) in [("source", &mut src_notes), ("destination", &mut dst_notes)] {
-                let mut all = Vec::new();
-                while let Some(n) = notes.recv().await.expect("notifications") {
-                    all.push(n);
+                .expect("finalize destination");
+                for (side, notes) in [("source", &mut src_notes), ("destination", &mut dst_notes)] {
+                    let mut all = Vec::new();
+                    while let Some(n) = notes.recv().await.expect("notifications") {
+                        all.push(n);
+                    }
+                    let last = all.last().expect("notifications");
+                    assert!(
+                        last.terminal && last.phase == "done" && last.outcome == "success",
+                        "{side}: {all:?}"
+                    );
+                    assert!(
+                        all.iter().rev().skip(1).all(|n| !n.terminal),
+                        "{side}: one terminal, last"
+                    );
+                    assert!(
+                        all.windows(2).all(|w| w[0].unix_ms <= w[1].unix_ms),
+                        "{side}: in order"
+                    );
                 }
-                let last = all.last().expect("notifications");
-                assert!(
-                    last.terminal && last.phase == "done" && last.outcome == "success",
-                    "{side}: {all:?}"
-                );
-                assert!(
-                    all.iter().rev().skip(1).all(|n| !n.terminal),
-                    "{side}: one terminal, last"
-                );
-                assert!(
-                    all.windows(2).all(|w| w[0].unix_ms <= w[1].unix_ms),
-                    "{side}: in order"
-                );
-            }
-        });
+            });
+        }
         // The destination's client streams the output from where it joined: consecutive lines.
         let mut out = std::io::BufReader::new(streamer.stdout.take().unwrap());
         let mut first = String::new();
