@@ -1,6 +1,6 @@
 //! `ctr run` to first output: how long containerd takes, from the `ctr run` command to the first
-//! byte of the container's output, with ferry's runtime (a UVM per sandbox) beside runc in the
-//! same run, alternated. Prints one JSON object.
+//! byte of the container's output, with ferry's runtime (a UVM per sandbox; local, and QEMU
+//! when it is installed) beside runc in the same run, alternated. Prints one JSON object.
 //!
 //! `cargo bench -p ferry --bench containerd` (root, containerd, runc, busybox-static);
 //! `FERRY_BENCH_RUNS` sets the runs per runtime (default 10).
@@ -13,11 +13,17 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::Instant;
 
-/// Seconds from spawning `ctr run` to the first byte of output, and to ctr's exit.
-fn first_output(lab: &Lab, runtime: &str, id: &str) -> (f64, f64) {
+/// Seconds from spawning `ctr run` to the first byte of output, and to ctr's exit; `config`
+/// is a ferry runtime config path.
+fn first_output(lab: &Lab, runtime: &str, config: Option<&str>, id: &str) -> (f64, f64) {
+    let mut args = vec!["run", "--rm", "--runtime", runtime];
+    if let Some(c) = config {
+        args.extend(["--runtime-config-path", c]);
+    }
+    args.extend([IMAGE, id, "echo", "hi"]);
     let start = Instant::now();
     let mut child = lab
-        .ctr_cmd(&["run", "--rm", "--runtime", runtime, IMAGE, id, "echo", "hi"])
+        .ctr_cmd(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -54,32 +60,46 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let lab = Lab::start();
-    // One warm-up each (page cache, image unpack, the shim binary).
-    first_output(&lab, RUNC, "warm-runc");
-    first_output(&lab, FERRY, "warm-ferry");
-    let (mut runc_first, mut runc_total, mut ferry_first, mut ferry_total) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..runs {
-        let (f, t) = first_output(&lab, RUNC, &format!("r{i}"));
-        runc_first.push(f);
-        runc_total.push(t);
-        let (f, t) = first_output(&lab, FERRY, &format!("f{i}"));
-        ferry_first.push(f);
-        ferry_total.push(t);
+    let qemu = !lab::skip_qemu("the containerd benchmark's QEMU runs");
+    let qemu_config = lab.dir.join("qemu.json");
+    if qemu {
+        lab.use_guest_image();
+        std::fs::write(&qemu_config, r#"{"backend":"qemu","memory_mib":256}"#).unwrap();
     }
-    let (rf, rt, ff, ft) = (
-        median(&mut runc_first),
-        median(&mut runc_total),
-        median(&mut ferry_first),
-        median(&mut ferry_total),
-    );
-    let report = serde_json::json!({
+    let qemu_config = qemu.then(|| qemu_config.to_str().unwrap().to_string());
+    // One warm-up each (page cache, image unpack, the shim binary, the guest image).
+    first_output(&lab, RUNC, None, "warm-runc");
+    first_output(&lab, FERRY, None, "warm-ferry");
+    if let Some(c) = &qemu_config {
+        first_output(&lab, FERRY, Some(c), "warm-qemu");
+    }
+    let (mut runc, mut local, mut vm) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        runc.push(first_output(&lab, RUNC, None, &format!("r{i}")));
+        local.push(first_output(&lab, FERRY, None, &format!("f{i}")));
+        if let Some(c) = &qemu_config {
+            vm.push(first_output(&lab, FERRY, Some(c), &format!("q{i}")));
+        }
+    }
+    let medians = |v: &[(f64, f64)]| {
+        let mut first: Vec<f64> = v.iter().map(|x| x.0).collect();
+        let mut total: Vec<f64> = v.iter().map(|x| x.1).collect();
+        (median(&mut first), median(&mut total))
+    };
+    let (rf, rt) = medians(&runc);
+    let (ff, ft) = medians(&local);
+    let mut report = serde_json::json!({
         "benchmark": "ctr run --rm IMAGE ID echo hi: seconds to first output byte and to exit (medians)",
         "runs": runs,
         "runc": {"first_output_s": rf, "total_s": rt},
-        "ferry_local": {"first_output_s": ff, "total_s": ft},
-        "ratio_first_output": ff / rf,
-        "ratio_total": ft / rt,
+        "ferry_local": {"first_output_s": ff, "total_s": ft, "ratio_first_output": ff / rf, "ratio_total": ft / rt},
     });
+    if !vm.is_empty() {
+        let (qf, qt) = medians(&vm);
+        report["ferry_qemu"] = serde_json::json!({
+            "first_output_s": qf, "total_s": qt, "ratio_first_output": qf / rf, "ratio_total": qt / rt,
+            "accel": "auto (TCG on this machine)",
+        });
+    }
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
 }
