@@ -197,8 +197,8 @@ impl Shim for FerryShim {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        // One shim per sandbox: containers of a pod name their sandbox in this annotation
-        // (CRI); alone, a container is its own sandbox.
+        // One shim per task for now: each container is a sandbox of its own (grouping a
+        // pod's containers by CRI's sandbox annotation is not done yet).
         let grouping = opts.id.clone();
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // In the bundle (our working directory): containerd reconnects to a running shim
