@@ -137,15 +137,7 @@ pub fn write(path: &Path, snap: &Snapshot) -> Result<(), SnapshotError> {
 /// the machine may leave neither: fine where the UVM would not survive that crash either
 /// (a migration's destination, where every millisecond is the guest's blackout).
 pub fn write_with(path: &Path, snap: &Snapshot, durable: bool) -> Result<(), SnapshotError> {
-    let body = serde_json::to_vec_pretty(snap).map_err(|e| SnapshotError::Invalid {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let header = format!(
-        "{MAGIC} {VERSION} {} {:08x}\n",
-        body.len(),
-        crc32fast::hash(&body)
-    );
+    let bytes = encode_at(path, snap)?;
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -157,8 +149,7 @@ pub fn write_with(path: &Path, snap: &Snapshot, durable: bool) -> Result<(), Sna
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(header.as_bytes())?;
-        f.write_all(&body)?;
+        f.write_all(&bytes)?;
         if durable {
             f.sync_all()?;
         }
@@ -174,22 +165,69 @@ pub fn write_with(path: &Path, snap: &Snapshot, durable: bool) -> Result<(), Sna
     result.map_err(io_err(path))
 }
 
+/// The path that errors of [`encode`] and [`decode`] name: they handle bytes, not a file.
+const NO_FILE: &str = "-";
+
+/// A snapshot file's bytes: the header line, then the JSON body. Errors name the path `-`.
+pub fn encode(snap: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
+    encode_at(Path::new(NO_FILE), snap)
+}
+
+/// [`encode`], with errors naming `path`.
+fn encode_at(path: &Path, snap: &Snapshot) -> Result<Vec<u8>, SnapshotError> {
+    let body = serde_json::to_vec_pretty(snap).map_err(|e| SnapshotError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let header = format!(
+        "{MAGIC} {VERSION} {} {:08x}\n",
+        body.len(),
+        crc32fast::hash(&body)
+    );
+    let mut bytes = Vec::with_capacity(header.len() + body.len());
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&body);
+    Ok(bytes)
+}
+
 /// Reads and checks a snapshot.
 pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
     let meta = std::fs::metadata(path).map_err(io_err(path))?;
-    if meta.len() > (MAX_BODY + 128) as u64 {
-        return Err(SnapshotError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{} bytes is larger than any snapshot ferry writes",
-                meta.len()
-            ),
-        });
+    // Checked before reading too, so that a huge file is not read into memory at all.
+    if meta.len() > MAX_FILE as u64 {
+        return Err(too_large(path, meta.len()));
     }
     let data = std::fs::read(path).map_err(io_err(path))?;
+    decode_at(path, &data)
+}
+
+/// The largest snapshot file: the body's limit and a header line.
+const MAX_FILE: usize = MAX_BODY + MAX_HEADER;
+/// The header line's longest (newline included): anything longer is not a snapshot.
+const MAX_HEADER: usize = 128;
+
+fn too_large(path: &Path, len: u64) -> SnapshotError {
+    SnapshotError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("{len} bytes is larger than any snapshot ferry writes"),
+    }
+}
+
+/// Checks and decodes a snapshot file's bytes (what [`read`] does once it has them). Errors
+/// name the path `-`. Allocates nothing sized by the header: the length it claims is only
+/// compared with the bytes there are.
+pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    decode_at(Path::new(NO_FILE), bytes)
+}
+
+/// [`decode`], with errors naming `path`.
+fn decode_at(path: &Path, data: &[u8]) -> Result<Snapshot, SnapshotError> {
+    if data.len() > MAX_FILE {
+        return Err(too_large(path, data.len() as u64));
+    }
     let nl = data
         .iter()
-        .take(128)
+        .take(MAX_HEADER)
         .position(|&b| b == b'\n')
         .ok_or_else(|| SnapshotError::NotASnapshot(path.to_path_buf()))?;
     let header = std::str::from_utf8(&data[..nl])
@@ -322,6 +360,20 @@ mod tests {
         assert!(matches!(read(&p), Err(SnapshotError::NotASnapshot(_))));
         std::fs::remove_file(&p).unwrap();
         assert!(matches!(read(&p), Err(SnapshotError::Io { .. })));
+        let _ = std::fs::remove_dir_all(p.parent().unwrap());
+    }
+
+    #[test]
+    fn bytes_decode_as_the_file_reads() {
+        let p = tmp("bytes");
+        write(&p, &sample()).unwrap();
+        let file = std::fs::read(&p).unwrap();
+        assert_eq!(encode(&sample()).unwrap(), file);
+        assert_eq!(decode(&file).unwrap(), sample());
+        // Errors without a file name the path `-`.
+        let e = decode(&file[..file.len() - 1]).unwrap_err();
+        assert!(matches!(e, SnapshotError::Truncated { .. }));
+        assert!(e.to_string().starts_with("-: truncated"), "{e}");
         let _ = std::fs::remove_dir_all(p.parent().unwrap());
     }
 
