@@ -140,7 +140,9 @@ mod hex_bytes {
         (0..text.len())
             .step_by(2)
             .map(|i| {
+                // from_str_radix alone would take a sign ("+f" as 0x0f).
                 text.get(i..i + 2)
+                    .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
                     .ok_or_else(|| D::Error::custom("not a hex string"))
             })
@@ -244,4 +246,22 @@ pub async fn reopen(
         });
     }
     Ok(io)
+}
+
+#[cfg(test)]
+mod hex_tests {
+    use super::StdinState;
+
+    #[test]
+    fn pending_input_is_strict_hex() {
+        let ok: StdinState =
+            serde_json::from_value(serde_json::json!({"acked": 2, "pending": "0aff"}))
+                .expect("plain hex");
+        assert_eq!(ok.pending, [0x0a, 0xff]);
+        for bad in ["+f", "-1", "0g", "abc"] {
+            let r: Result<StdinState, _> =
+                serde_json::from_value(serde_json::json!({"acked": 2, "pending": bad}));
+            assert!(r.is_err(), "{bad:?} must not decode");
+        }
+    }
 }
