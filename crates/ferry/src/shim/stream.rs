@@ -51,11 +51,17 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
     );
     let client_gone = sent.0.is_err() || sent.1.is_err();
 
+    // What the input loop handed back, once it has ended (a JoinHandle must not be polled
+    // again after it completed).
+    let mut returned = None;
     if plan.follow && !client_gone {
         let exit = tokio::select! {
             e = rec.wait() => Some(e),
             // The client went away before the exit: nothing more to tell it.
-            _ = &mut input => None,
+            r = &mut input => {
+                returned = Some(r);
+                None
+            }
         };
         let mut w = out.lock().await;
         let _ = match exit {
@@ -70,10 +76,16 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
 
     // Give an unfinished stdin back for the next attach: the client detached, it did not close
     // the process's input.
-    if !input.is_finished() {
-        input.abort();
-    }
-    if let Ok(Some(stream)) = input.await
+    let returned = match returned {
+        Some(r) => r,
+        None => {
+            if !input.is_finished() {
+                input.abort();
+            }
+            input.await
+        }
+    };
+    if let Ok(Some(stream)) = returned
         && rec.exit_state().is_none()
     {
         *rec.stdin.lock().await = Some(stream);

@@ -3,6 +3,9 @@
 //! PATH; killed, with its shims and what they ran, on drop.
 #![allow(dead_code)] // each user takes what it needs
 
+#[path = "guest_image.rs"]
+mod guest_image;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -261,19 +264,7 @@ impl Lab {
     /// Lets the QEMU backend find its guest image: the static agent built by the project's
     /// script, and the image cache the QEMU tests share (the kernel package is fetched once).
     pub fn use_guest_image(&self) {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let out = Command::new("bash")
-            .arg(root.join("scripts/build-static-gcs.sh"))
-            .current_dir(&root)
-            .output()
-            .expect("run scripts/build-static-gcs.sh");
-        assert!(
-            out.status.success(),
-            "scripts/build-static-gcs.sh failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ferry-images");
-        std::fs::create_dir_all(&cache).unwrap();
+        let cache = guest_image::cache();
         let images = self.dir.join("ferry/images");
         std::fs::create_dir_all(&images).unwrap();
         std::os::unix::fs::symlink(&cache, images.join("uvm")).unwrap();
