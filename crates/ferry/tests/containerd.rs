@@ -6,6 +6,8 @@
 //! Needs root, containerd, ctr and runc (`.ci/run` installs them from Debian) and
 //! busybox-static; says "skipped" loudly without them.
 
+#[path = "support/counter.rs"]
+mod counter;
 #[path = "support/containerd_lab.rs"]
 mod lab;
 
@@ -380,6 +382,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 mod migration {
     //! The Migration service on the shim's socket, called as an orchestrator would.
 
+    use super::counter;
     use super::lab::{self, FERRY, IMAGE, Lab, skip};
     use ferry::containerd::proto::migration::*;
     use ferry::containerd::proto::migration_ttrpc::MigrationClient;
@@ -497,14 +500,6 @@ mod migration {
         assert!(ls.stdout.contains("RUNNING"), "{ls:?}");
     }
 
-    /// Lines of a counter, checked: consecutive from 0, each once.
-    fn counter_lines(text: &str) -> usize {
-        for (i, line) in text.lines().enumerate() {
-            assert_eq!(line, i.to_string(), "line {i} of the counter: {text:?}");
-        }
-        text.lines().count()
-    }
-
     #[test]
     fn a_running_task_moves_through_the_migration_service() {
         if skip("a_running_task_moves_through_the_migration_service")
@@ -525,20 +520,14 @@ mod migration {
                 "mover",
                 "sh",
                 "-c",
-                "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done",
+                counter::SCRIPT,
             ],
             None,
         );
         assert_eq!(run.code, 0, "{run:?}");
         let ferry_bin = env!("CARGO_BIN_EXE_ferry");
         // The destination host: its own ferry state (sharing the image cache).
-        let dest = lab.dir.join("dest");
-        std::fs::create_dir_all(dest.join("images")).unwrap();
-        std::os::unix::fs::symlink(
-            std::fs::read_link(lab.dir.join("ferry/images/uvm")).unwrap(),
-            dest.join("images/uvm"),
-        )
-        .unwrap();
+        let dest = lab.another_ferry_state("dest");
         let ferry = |args: &[&str]| {
             let out = std::process::Command::new(ferry_bin)
                 .env("FERRY_STATE_DIR", &dest)
@@ -702,31 +691,15 @@ mod migration {
             .expect("cleanup");
         });
         // The task runs on the destination and its output went on there, every line once.
-        let before = counter_lines(&ferry(&["logs", &source_uvm, "mover"]));
+        let before = counter::lines(&ferry(&["logs", &source_uvm, "mover"]));
         let ps = ferry(&["ps", &source_uvm]);
         assert!(ps.contains("mover") && ps.contains("running"), "{ps}");
         // And goes on: followed from the start, every line once, past where it was.
-        let after = {
-            use std::io::BufRead;
-            let mut follow = std::process::Command::new(ferry_bin)
-                .env("FERRY_STATE_DIR", &dest)
-                .args(["logs", "-f", &source_uvm, "mover"])
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let out = std::io::BufReader::new(follow.stdout.take().unwrap());
-            let mut n = 0;
-            for line in out.lines() {
-                assert_eq!(line.unwrap(), n.to_string(), "line {n} of the counter");
-                n += 1;
-                if n > before + 10 {
-                    break;
-                }
-            }
-            let _ = follow.kill();
-            let _ = follow.wait();
-            n
-        };
+        let mut follow = std::process::Command::new(ferry_bin);
+        follow
+            .env("FERRY_STATE_DIR", &dest)
+            .args(["logs", "-f", &source_uvm, "mover"]);
+        let after = counter::follow(follow, before + 10);
         assert!(
             after > before,
             "the counter goes on after the move ({before} -> {after})"
@@ -770,13 +743,7 @@ mod migration {
         lab.use_guest_image();
         let source_cfg = lab.dir.join("source.json");
         std::fs::write(&source_cfg, r#"{"backend":"qemu","memory_mib":256}"#).unwrap();
-        let dest_root = lab.dir.join("dest");
-        std::fs::create_dir_all(dest_root.join("images")).unwrap();
-        std::os::unix::fs::symlink(
-            std::fs::read_link(lab.dir.join("ferry/images/uvm")).unwrap(),
-            dest_root.join("images/uvm"),
-        )
-        .unwrap();
+        let dest_root = lab.another_ferry_state("dest");
         let dest_cfg = lab.dir.join("dest.json");
         std::fs::write(
             &dest_cfg,
@@ -787,7 +754,6 @@ mod migration {
         )
         .unwrap();
         let dest_ns = format!("{}-dest", lab.namespace);
-        let counter = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done";
         let run = lab.ctr(
             &[
                 "run",
@@ -800,7 +766,7 @@ mod migration {
                 "mover",
                 "sh",
                 "-c",
-                counter,
+                counter::SCRIPT,
             ],
             None,
         );
@@ -1042,7 +1008,7 @@ mod migration {
             .args(["logs", &format!("{}-mover", lab.namespace), "mover"])
             .output()
             .unwrap();
-        let total = counter_lines(&String::from_utf8_lossy(&logs.stdout));
+        let total = counter::lines(&String::from_utf8_lossy(&logs.stdout));
         assert!(
             total as u64 >= n,
             "ferry's log at the destination has it all ({total} lines, client saw {n})"

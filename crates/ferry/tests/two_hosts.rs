@@ -4,6 +4,8 @@
 //!
 //! Needs root, iproute2, QEMU and busybox-static; says "skipped" loudly without them.
 
+#[path = "support/counter.rs"]
+mod counter;
 #[path = "support/guest_image.rs"]
 mod guest_image;
 #[path = "support/two_hosts.rs"]
@@ -27,26 +29,9 @@ fn skip(test: &str) -> bool {
     false
 }
 
-/// Reads `ferry logs -f` of a counter from the start on `host`: every line once, in order,
-/// until it has more than `past` lines; returns how many it read.
+/// `ferry logs -f` of a counter on `host`, checked from 0 past `past` lines.
 fn follow_counter(host: &two_hosts::Host, uvm: &str, container: &str, past: usize) -> usize {
-    let mut follow = host
-        .cmd(&["logs", "-f", uvm, container])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = std::io::BufReader::new(follow.stdout.take().unwrap());
-    let mut n = 0;
-    for line in out.lines() {
-        assert_eq!(line.unwrap(), n.to_string(), "line {n} of the counter");
-        n += 1;
-        if n > past {
-            break;
-        }
-    }
-    let _ = follow.kill();
-    let _ = follow.wait();
-    n
+    counter::follow(host.cmd(&["logs", "-f", uvm, container]), past)
 }
 
 #[test]
@@ -66,7 +51,7 @@ fn a_vm_moves_between_network_hosts_over_tcp() {
         "--",
         "sh",
         "-c",
-        "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done",
+        counter::SCRIPT,
     ]);
     // The hosts see each other only through the link.
     let listen = format!("{}:7000", b.ip);
@@ -153,7 +138,7 @@ fn the_link_goes_down_mid_transfer_and_comes_back() {
         "--",
         "sh",
         "-c",
-        "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done",
+        counter::SCRIPT,
     ]);
     let listen = format!("{}:7000", b.ip);
     b.ok(&[

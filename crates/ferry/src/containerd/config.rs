@@ -154,14 +154,11 @@ impl RuntimeConfig {
             return Err(format!("log_limit_mib {l} is outside 1..=1048576"));
         }
         if let Some(s) = &self.incoming_session
-            && (s.is_empty()
-                || s.len() > 128
-                || !s
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+            && !super::migration::valid_session_id(s)
         {
             return Err(format!(
-                "incoming_session {s:?}: 1 to 128 of [A-Za-z0-9._-]"
+                "incoming_session {s:?}: 1 to {} of [A-Za-z0-9._-]",
+                super::migration::MAX_SESSION_ID
             ));
         }
         if self.incoming_session.is_some() && self.backend != Backend::Qemu {

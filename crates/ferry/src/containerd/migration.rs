@@ -25,7 +25,7 @@
 use super::config::Backend;
 use super::proto::migration::*;
 use super::proto::migration_ttrpc::Migration;
-use super::task::Service;
+use super::task::{Service, fail};
 use crate::control::{self, Reply, Request};
 use crate::paths::UvmPaths;
 use async_trait::async_trait;
@@ -38,12 +38,6 @@ use tokio::sync::watch;
 
 type Result<T> = ttrpc::Result<T>;
 
-fn fail(code: Code, msg: impl ToString) -> ttrpc::Error {
-    let msg = msg.to_string();
-    tracing::warn!(error = %msg, "migration request refused");
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -52,7 +46,7 @@ fn now_ms() -> i64 {
 }
 
 /// Longest session id accepted.
-const MAX_SESSION_ID: usize = 128;
+pub const MAX_SESSION_ID: usize = 128;
 /// How long a transfer may take when the request gives no timeout.
 const DEFAULT_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 /// The exported sandbox's format tag.
@@ -153,13 +147,17 @@ impl MigrationService {
     }
 }
 
-fn check_session_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
+/// A session id's rule (also for the runtime option `incoming_session`).
+pub fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
         && id.len() <= MAX_SESSION_ID
         && id
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn check_session_id(id: &str) -> Result<()> {
+    if valid_session_id(id) {
         Ok(())
     } else {
         Err(fail(
@@ -553,40 +551,30 @@ impl Migration for MigrationService {
 
     async fn cancel(&self, _ctx: &TtrpcContext, req: CancelRequest) -> Result<CancelResponse> {
         let s = self.session(&req.session_id)?;
-        if s.role == Role::Destination {
-            match s.stage() {
-                Stage::Imported | Stage::Prepared => {
-                    self.give_up(&s, "cancelled before the transfer", "cancelled")
-                        .await;
-                }
-                Stage::Transferring => {
-                    s.cancel.send_replace(true);
-                }
-                _ => {
-                    return Err(out_of_order(
-                        "Cancel",
-                        &s,
-                        "only a session that has not received the sandbox can be cancelled",
-                    ));
-                }
+        match (s.role, s.stage()) {
+            // The transfer sees it and stops before the switch-over (or, past it, ends as it
+            // would have).
+            (_, Stage::Transferring) => {
+                s.cancel.send_replace(true);
             }
-            return Ok(CancelResponse::default());
-        }
-        match s.stage() {
-            Stage::Exported => {
+            (Role::Destination, Stage::Imported | Stage::Prepared) => {
+                self.give_up(&s, "cancelled before the transfer", "cancelled")
+                    .await;
+            }
+            (Role::Source, Stage::Exported) => {
                 s.set(Stage::NotMoved("cancelled before the transfer".into()));
                 s.note("failed", "cancelled", "cancelled before the transfer", true);
             }
-            Stage::Transferring => {
-                // The transfer sees it and stops before the switch-over (or, past it, ends
-                // as it would have).
-                s.cancel.send_replace(true);
-            }
-            _ => {
+            (role, _) => {
+                let moved = if role == Role::Destination {
+                    "received"
+                } else {
+                    "moved"
+                };
                 return Err(out_of_order(
                     "Cancel",
                     &s,
-                    "only a session that has not moved the sandbox can be cancelled",
+                    &format!("only a session that has not {moved} the sandbox can be cancelled"),
                 ));
             }
         }

@@ -24,6 +24,23 @@ pub struct StdioPaths {
     pub terminal: bool,
 }
 
+impl StdioPaths {
+    pub fn of(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> StdioPaths {
+        StdioPaths {
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+        }
+    }
+
+    /// What the process needs from these: a terminal, and a stdin pipe when there is input.
+    pub fn apply_to(&self, spec: &mut crate::control::ProcessSpec) {
+        spec.tty = self.terminal;
+        spec.stdin = !self.stdin.is_empty();
+    }
+}
+
 /// An output destination.
 pub enum Output {
     Pipe(pipe::Sender),

@@ -29,7 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::sync::watch;
 
-fn fail(code: Code, msg: impl ToString) -> ttrpc::Error {
+/// A refused request: logged, and answered with `code` (what containerd maps to its errors).
+pub(super) fn fail(code: Code, msg: impl ToString) -> ttrpc::Error {
     let msg = msg.to_string();
     tracing::warn!(error = %msg, "request refused");
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
@@ -538,18 +539,12 @@ impl Task for TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let (mut spec, root) =
             bundle::load(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let stdio = StdioPaths::of(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        stdio.apply_to(&mut spec);
         if let Some(session) = cfg.incoming_session.clone() {
             // A migration destination: the task comes with its sandbox; nothing runs here
             // until the Migration service has received it.
             *s.incoming_config.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg.clone());
-            let stdio = StdioPaths {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-            };
-            spec.tty = req.terminal;
-            spec.stdin = !req.stdin.is_empty();
             s.tasks().insert(
                 req.id.clone(),
                 TaskRec {
@@ -564,8 +559,6 @@ impl Task for TaskService {
             s.publish_create(&req).await;
             return Ok(api::CreateTaskResponse::default());
         }
-        spec.tty = req.terminal;
-        spec.stdin = !req.stdin.is_empty();
         let mut mounted = false;
         if !req.rootfs.is_empty() {
             let target = config::bundle_rootfs(&bundle);
@@ -614,12 +607,6 @@ impl Task for TaskService {
                 }
                 return Err(fail(Code::INTERNAL, e));
             }
-        };
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
         };
         let init = Proc::new(&req.id, "", stdio, spec);
         s.tasks().insert(
@@ -914,14 +901,8 @@ impl Task for TaskService {
         }
         let value = req.spec.as_ref().map(|a| a.value.as_slice()).unwrap_or(&[]);
         let mut spec = bundle::exec_process(value).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
-        spec.tty = req.terminal;
-        spec.stdin = !req.stdin.is_empty();
-        let stdio = StdioPaths {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
+        let stdio = StdioPaths::of(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        stdio.apply_to(&mut spec);
         {
             let mut tasks = s.tasks();
             let task = tasks

@@ -264,10 +264,17 @@ impl Lab {
     /// Lets the QEMU backend find its guest image: the static agent built by the project's
     /// script, and the image cache the QEMU tests share (the kernel package is fetched once).
     pub fn use_guest_image(&self) {
-        let cache = guest_image::cache();
-        let images = self.dir.join("ferry/images");
-        std::fs::create_dir_all(&images).unwrap();
-        std::os::unix::fs::symlink(&cache, images.join("uvm")).unwrap();
+        guest_image::link(&self.dir.join("ferry"), &guest_image::cache());
+    }
+
+    /// Another ferry state directory in the lab (another "host"), sharing the guest image
+    /// cache; [`Lab::use_guest_image`] first.
+    pub fn another_ferry_state(&self, name: &str) -> PathBuf {
+        let state = self.dir.join(name);
+        let cache = std::fs::read_link(self.dir.join("ferry/images/uvm"))
+            .expect("use_guest_image before another_ferry_state");
+        guest_image::link(&state, &cache);
+        state
     }
 
     pub fn set_ferry_config(&self, json: &str) {

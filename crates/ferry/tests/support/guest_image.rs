@@ -22,3 +22,9 @@ pub fn cache() -> PathBuf {
     std::fs::create_dir_all(&cache).unwrap();
     cache
 }
+
+/// Makes `state` (a ferry state directory) use the image cache `cache` (from [`cache`]).
+pub fn link(state: &Path, cache: &Path) {
+    std::fs::create_dir_all(state.join("images")).unwrap();
+    std::os::unix::fs::symlink(cache, state.join("images/uvm")).unwrap();
+}

@@ -1,4 +1,4 @@
-//! Two ferry hosts on one machine: each in its own network namespace, joined by a veth pair
+//! Two ferry hosts on one machine (include `guest_image.rs` beside it): each in its own network namespace, joined by a veth pair
 //! (addresses in 10.231.0.0/16, which exist only inside those namespaces: nothing leaves
 //! them), each with its own state directory (sharing the guest image cache, so the kernel is
 //! fetched once). Commands run in a host's namespace with `ip netns exec`; the shims and VMs
@@ -110,8 +110,7 @@ impl TwoHosts {
         let _ = std::fs::remove_dir_all(&dir);
         let host = |side: &str, last: u8| {
             let state = dir.join(side);
-            std::fs::create_dir_all(state.join("images")).unwrap();
-            std::os::unix::fs::symlink(image_cache, state.join("images/uvm")).unwrap();
+            super::guest_image::link(&state, image_cache);
             Host {
                 netns: format!("f2h{side}{tag}"),
                 ip: format!("10.231.{octet}.{last}"),
