@@ -224,19 +224,12 @@ pub fn relay(
         let (mut out, mut err) = outputs;
         let mut data = Vec::with_capacity(control::MAX_PAYLOAD);
         let ended = loop {
-            let mut head = [0u8; 5];
-            if let Err(e) = r.read_exact(&mut head).await {
-                break Ended::Lost(format!("lost the ferry shim: {e}"));
-            }
-            let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            if len > control::MAX_PAYLOAD {
-                break Ended::Lost(format!("ferry shim sent a frame of {len} bytes"));
-            }
-            data.resize(len, 0);
-            if let Err(e) = r.read_exact(&mut data).await {
-                break Ended::Lost(format!("lost the ferry shim: {e}"));
-            }
-            match head[0] {
+            let t = match control::read_frame_into(&mut r, &mut data).await {
+                Ok(Some(t)) => t,
+                Ok(None) => break Ended::Lost("lost the ferry shim: end of stream".into()),
+                Err(e) => break Ended::Lost(format!("lost the ferry shim: {e}")),
+            };
+            match t {
                 tag::STDOUT => out.write(&data).await,
                 tag::STDERR => err.write(&data).await,
                 tag::DROPPED => {

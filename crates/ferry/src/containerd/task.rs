@@ -434,21 +434,13 @@ async fn import_root(uvm: &Uvm, id: &str, root: &std::path::Path) -> Result<Path
         .map_err(|e| format!("copying the root into the UVM: {e}"))?;
     let mut complaints = String::new();
     loop {
-        let mut head = [0u8; 5];
-        r.read_exact(&mut head)
+        let (t, payload) = control::read_frame(&mut r)
             .await
-            .map_err(|e| format!("copying the root into the UVM: lost the ferry shim: {e}"))?;
-        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > control::MAX_PAYLOAD {
-            return Err(format!("the ferry shim sent a frame of {len} bytes"));
-        }
-        let mut payload = vec![0u8; len];
-        r.read_exact(&mut payload)
-            .await
-            .map_err(|e| format!("copying the root into the UVM: lost the ferry shim: {e}"))?;
-        match head[0] {
+            .map_err(|e| format!("copying the root into the UVM: lost the ferry shim: {e}"))?
+            .ok_or("copying the root into the UVM: lost the ferry shim: end of stream")?;
+        match t {
             tag::STDERR => complaints.push_str(&String::from_utf8_lossy(&payload)),
-            tag::EXIT if len == 4 => {
+            tag::EXIT if payload.len() == 4 => {
                 let code = i32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]);
                 if code != 0 {
                     return Err(format!(

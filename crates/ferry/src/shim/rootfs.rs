@@ -15,7 +15,7 @@ use crate::control::{self, Reply, tag};
 use bridge::message::ProcessParameters;
 use host::{Container, Pipes};
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Where imported roots live in the guest: `<dir>/<container>`.
@@ -57,22 +57,17 @@ pub async fn import(
     });
     let mut payload = Vec::with_capacity(control::MAX_PAYLOAD);
     let fed = loop {
-        let mut head = [0u8; 5];
-        if r.read_exact(&mut head).await.is_err() {
-            break Err("the client went away before the end of the archive".to_string());
-        }
-        let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        if len > control::MAX_PAYLOAD {
-            break Err(format!(
-                "frame of {len} bytes exceeds {}",
-                control::MAX_PAYLOAD
-            ));
-        }
-        payload.resize(len, 0);
-        if r.read_exact(&mut payload).await.is_err() {
-            break Err("the client went away before the end of the archive".to_string());
-        }
-        match head[0] {
+        let t = match control::read_frame_into(&mut r, &mut payload).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                break Err("the client went away before the end of the archive".to_string());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => break Err(e.to_string()),
+            Err(_) => {
+                break Err("the client went away before the end of the archive".to_string());
+            }
+        };
+        match t {
             tag::STDIN => {
                 if let Err(e) = stdin.write_all(&payload).await {
                     break Err(format!("unpacking in the guest stopped reading: {e}"));
