@@ -36,9 +36,30 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> std::io::
 }
 
 /// Reads one frame. Not cancellation-safe: run it in a dedicated reader task, not in `select!`.
+/// An oversized frame or one of an unknown type is skipped (its body read into a small
+/// scratch buffer) before its error is returned, so a reader that answers the error can go on.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max_frame_size: u32,
+) -> Result<Frame, ReadError> {
+    read(r, max_frame_size, true).await
+}
+
+/// Like [`read_frame`], but every bad header is reported as soon as it is read, without
+/// reading the body it announces: for a reader that gives up on the stream at the first bad
+/// frame anyway (the host), so that a peer claiming a 4 GiB body and then going quiet, or
+/// trickling it, cannot keep it busy.
+pub async fn read_frame_strict<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame_size: u32,
+) -> Result<Frame, ReadError> {
+    read(r, max_frame_size, false).await
+}
+
+async fn read<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max_frame_size: u32,
+    skip_bad_bodies: bool,
 ) -> Result<Frame, ReadError> {
     let mut head = [0u8; HEADER_SIZE];
     let got = read_full(r, &mut head).await?;
@@ -55,6 +76,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     let ident = match header.validate(max_frame_size) {
         Ok(ident) => ident,
         Err(e @ FrameError::TooSmall { .. }) => return Err(e.into()),
+        Err(e) if !skip_bad_bodies => return Err(e.into()),
         Err(e) => {
             // Too large or unknown type: the size is still trustworthy, so skip the body and
             // report the error; the caller may answer it and keep reading.
@@ -154,6 +176,37 @@ mod tests {
             read_frame(&mut r, 1024).await,
             Err(ReadError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_strict_reader_stops_at_a_bad_header() {
+        // A header claiming 1 GiB, then nothing: the strict reader does not wait for the body.
+        let mut input = Header {
+            raw_type: 0x30100101,
+            size: 1 << 30,
+            id: 0,
+        }
+        .encode()
+        .to_vec();
+        input.extend_from_slice(b"{\"partial");
+        let (mut guest, mut host) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut guest, &input)
+            .await
+            .unwrap();
+        let e = read_frame_strict(&mut host, 1024).await.unwrap_err();
+        assert!(matches!(
+            e,
+            ReadError::Frame(FrameError::TooLarge {
+                size: 1073741824,
+                ..
+            })
+        ));
+        let mut unknown = &frame_bytes(0x10109901, 2, b"{}")[..];
+        assert!(matches!(
+            read_frame_strict(&mut unknown, 1024).await,
+            Err(ReadError::Frame(FrameError::UnknownType { id: 2, .. }))
+        ));
+        drop(guest);
     }
 
     #[tokio::test]

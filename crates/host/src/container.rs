@@ -2,7 +2,7 @@
 //! processes in them with their stdio pipes.
 
 use crate::error::{HostError, Result};
-use crate::guest_connection::GuestConnection;
+use crate::guest_connection::{GuestConnection, Notifications};
 use crate::process::{Process, ProcessIo};
 use crate::stdio::{InputPipe, OutputPipe};
 use bridge::JsonString;
@@ -13,7 +13,7 @@ use bridge::message::{
     ProcessParameters, PropertyQuery, Request, RequestBase, Response, StdioPorts, property_type,
 };
 use std::time::Duration;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Mutex;
 use transport::Listener;
 
 /// Which stdio pipes a new process gets.
@@ -43,7 +43,7 @@ const STDIO_ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Container {
     conn: GuestConnection,
     id: String,
-    notifications: Mutex<mpsc::UnboundedReceiver<ContainerNotification>>,
+    notifications: Mutex<Notifications>,
 }
 
 impl Container {

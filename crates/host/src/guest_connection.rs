@@ -10,16 +10,21 @@
 //!   unknown container, a request — is logged and dropped: it never kills the connection.
 //!   A frame that breaks the protocol (oversized, undecodable) closes the connection with an
 //!   error naming it; every outstanding call then fails with that reason.
+//! * Nothing the guest sends makes the host keep more than a bounded amount: a frame is at
+//!   most `max_frame_size` (a bigger header closes the connection before its body is read),
+//!   notifications wait unread up to `notification_queue` per container and
+//!   `notification_bytes` for the whole connection (more are dropped), and dropped frames are
+//!   logged at a falling rate, so a flood does not flood the log.
 
 use crate::error::{HostError, Result};
-use bridge::io::{ReadError, read_frame};
+use bridge::io::{ReadError, read_frame_strict};
 use bridge::message::{
     ContainerNotification, Message, NegotiateProtocolRequest, Request, RequestBase, Response,
 };
 use bridge::negotiate::{GuestCapabilities, PROTOCOL_VERSION};
 use bridge::{FIRST_STDIO_PORT, Frame, Identifier, Rpc};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -35,6 +40,13 @@ pub struct ConnectionOptions {
     pub negotiate_timeout: Duration,
     /// Frames queued for sending before callers wait.
     pub send_queue: usize,
+    /// Notifications kept per container until its owner reads them; more are dropped. The
+    /// guest sends one or two per container in normal use, so this only bounds a flood.
+    pub notification_queue: usize,
+    /// Bytes (as received) of the notifications kept unread across all containers; more are
+    /// dropped. With `notification_queue`, what a guest can make the host hold however many
+    /// containers it has.
+    pub notification_bytes: usize,
 }
 
 impl Default for ConnectionOptions {
@@ -43,6 +55,8 @@ impl Default for ConnectionOptions {
             max_frame_size: bridge::DEFAULT_MAX_FRAME_SIZE,
             negotiate_timeout: Duration::from_secs(10),
             send_queue: 256,
+            notification_queue: 16,
+            notification_bytes: 1 << 20,
         }
     }
 }
@@ -68,7 +82,9 @@ struct Inner {
     sender: Mutex<(u64, Option<mpsc::Sender<Vec<u8>>>)>,
     pending: Mutex<HashMap<u64, Pending>>,
     next_port: AtomicU32,
-    containers: Mutex<HashMap<String, mpsc::UnboundedSender<ContainerNotification>>>,
+    containers: Mutex<HashMap<String, mpsc::Sender<(usize, ContainerNotification)>>>,
+    /// Bytes of notifications queued unread (see [`ConnectionOptions::notification_bytes`]).
+    queued_bytes: Arc<AtomicUsize>,
     /// `Some(reason)` once the connection is gone.
     closed: watch::Sender<Option<String>>,
     capabilities: Mutex<GuestCapabilities>,
@@ -116,6 +132,7 @@ impl GuestConnection {
                 pending: Mutex::new(HashMap::new()),
                 next_port: AtomicU32::new(FIRST_STDIO_PORT),
                 containers: Mutex::new(HashMap::new()),
+                queued_bytes: Arc::new(AtomicUsize::new(0)),
                 closed: watch::channel(None).0,
                 capabilities: Mutex::new(GuestCapabilities::default()),
                 protocol_version: AtomicU32::new(0),
@@ -142,8 +159,14 @@ impl GuestConnection {
                 return Err(HostError::Timeout(reason));
             }
         };
-        let Response::NegotiateProtocol(n) = answer? else {
-            unreachable!("responses are matched to their request type")
+        let n = match answer {
+            Ok(Response::NegotiateProtocol(n)) => n,
+            Ok(_) => unreachable!("responses are matched to their request type"),
+            Err(e) => {
+                // Refused, or an answer that does not decode: nothing more to say to it.
+                conn.close(&format!("the protocol negotiation failed: {e}"));
+                return Err(e);
+            }
         };
         if n.version != PROTOCOL_VERSION {
             let reason = format!(
@@ -330,14 +353,53 @@ impl GuestConnection {
     // -- notifications ---------------------------------------------------------------------
 
     /// Receives notifications for `container_id` from now on (replacing an earlier receiver).
-    pub fn subscribe(&self, container_id: &str) -> mpsc::UnboundedReceiver<ContainerNotification> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Unread ones are bounded (see [`ConnectionOptions::notification_queue`] and
+    /// [`ConnectionOptions::notification_bytes`]): the guest's further notifications are
+    /// dropped until the receiver catches up.
+    pub fn subscribe(&self, container_id: &str) -> Notifications {
+        let (tx, rx) = mpsc::channel(self.inner.options.notification_queue.max(1));
         lock(&self.inner.containers).insert(container_id.to_string(), tx);
-        rx
+        Notifications {
+            rx,
+            queued_bytes: self.inner.queued_bytes.clone(),
+        }
     }
 
     pub fn unsubscribe(&self, container_id: &str) {
         lock(&self.inner.containers).remove(container_id);
+    }
+}
+
+/// The notifications for one container (see [`GuestConnection::subscribe`]).
+pub struct Notifications {
+    rx: mpsc::Receiver<(usize, ContainerNotification)>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Notifications {
+    /// The next notification; None once the connection no longer delivers any to this
+    /// receiver (it was replaced, unsubscribed, or the connection is gone).
+    pub async fn recv(&mut self) -> Option<ContainerNotification> {
+        let (size, n) = self.rx.recv().await?;
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(n)
+    }
+
+    /// The next notification if one is waiting.
+    pub fn try_recv(&mut self) -> Option<ContainerNotification> {
+        let (size, n) = self.rx.try_recv().ok()?;
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(n)
+    }
+}
+
+impl Drop for Notifications {
+    fn drop(&mut self) {
+        // Closed first: nothing is queued after the drain below, so every byte is given back.
+        self.rx.close();
+        while let Ok((size, _)) = self.rx.try_recv() {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        }
     }
 }
 
@@ -397,7 +459,7 @@ async fn read_frames<R: AsyncRead + Unpin>(inner: &Inner, r: &mut R) -> String {
     let mut closed = inner.closed.subscribe();
     loop {
         let frame = tokio::select! {
-            f = read_frame(r, max) => f,
+            f = read_frame_strict(r, max) => f,
             _ = closed.wait_for(|r| r.is_some()) => return "closed by the host".into(),
         };
         let frame = match frame {
@@ -414,8 +476,14 @@ async fn read_frames<R: AsyncRead + Unpin>(inner: &Inner, r: &mut R) -> String {
 
 fn dispatch(inner: &Inner, frame: &Frame) -> std::result::Result<(), bridge::FrameError> {
     let drop_it = |what: String| {
-        inner.dropped.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!("{what}; dropped");
+        let n = inner.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        // The first few in full, then the 2^k-th: a guest flooding strays costs a few dozen
+        // log lines, not one per frame.
+        if n <= 8 || n.is_power_of_two() {
+            tracing::warn!(dropped_so_far = n, "{what}; dropped");
+        } else {
+            tracing::debug!(dropped_so_far = n, "{what}; dropped");
+        }
     };
     match frame.ident {
         Identifier::Response(rpc) => {
@@ -461,12 +529,39 @@ fn dispatch(inner: &Inner, frame: &Frame) -> std::result::Result<(), bridge::Fra
                 unreachable!("notification identifiers decode to notifications")
             };
             let tx = lock(&inner.containers).get(&n.base.container_id).cloned();
-            match tx {
-                Some(tx) if tx.send(n.clone()).is_ok() => {}
-                _ => drop_it(format!(
+            let Some(tx) = tx else {
+                drop_it(format!(
                     "{} notification for unknown container {:?}",
-                    n.kind, n.base.container_id
-                )),
+                    short(&n.kind),
+                    short(&n.base.container_id)
+                ));
+                return Ok(());
+            };
+            let (kind, container) = (short(&n.kind), short(&n.base.container_id));
+            let size = frame.body.len();
+            let budget = inner.options.notification_bytes;
+            let queued = inner.queued_bytes.fetch_add(size, Ordering::Relaxed);
+            let refused = if queued + size > budget {
+                Some(format!(
+                    "{queued} bytes of notifications are unread already"
+                ))
+            } else {
+                match tx.try_send((size, n)) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(_)) => Some(format!(
+                        "{} notifications for it are unread already",
+                        tx.max_capacity()
+                    )),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Some("nobody follows it any more".into())
+                    }
+                }
+            };
+            if let Some(why) = refused {
+                inner.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                drop_it(format!(
+                    "{kind} notification for container {container:?}: {why}"
+                ));
             }
         }
         Identifier::Request(rpc) => drop_it(format!(
@@ -475,4 +570,12 @@ fn dispatch(inner: &Inner, frame: &Frame) -> std::result::Result<(), bridge::Fra
         )),
     }
     Ok(())
+}
+
+/// A guest-chosen string as it goes into a log line: at most 64 characters.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }

@@ -212,6 +212,152 @@ async fn an_oversized_frame_closes_the_connection_with_a_clear_error() {
 }
 
 #[tokio::test]
+async fn a_header_claiming_a_huge_body_closes_the_connection_at_once() {
+    let (conn, mut guest) = connected(ConnectionOptions::default()).await;
+    let (_, rx) = conn.send(&wait(1)).await.unwrap();
+    guest.recv().await;
+    // 1 GiB announced, a few bytes sent, then silence: the host must not wait for the rest.
+    let header = bridge::Header {
+        raw_type: Identifier::CONTAINER_NOTIFICATION.to_u32(),
+        size: 1 << 30,
+        id: 0,
+    };
+    guest.io.write_all(&header.encode()).await.unwrap();
+    guest.io.write_all(b"{\"ContainerId\":").await.unwrap();
+    let e = tokio::time::timeout(PATIENCE, conn.await_reply(rx))
+        .await
+        .expect("the host waited for a body it will never use")
+        .unwrap_err();
+    assert!(e.to_string().contains("exceeds the limit"), "{e}");
+}
+
+#[tokio::test]
+async fn a_notification_flood_for_a_known_container_is_bounded() {
+    let options = ConnectionOptions {
+        notification_queue: 4,
+        ..Default::default()
+    };
+    let (conn, mut guest) = connected(options).await;
+    let mut notes = conn.subscribe("known");
+    let note = |n: i32| ContainerNotification {
+        base: RequestBase::for_container("known"),
+        kind: "UnexpectedExit".into(),
+        operation: "None".into(),
+        result: n,
+        result_info: None,
+    };
+    for n in 0..1000 {
+        guest.send(&Message::Notification(note(n)), 0).await;
+    }
+    // The connection is still served (so the flood has been read), and only the first few
+    // notifications were kept.
+    let (id, rx) = conn.send(&wait(4)).await.unwrap();
+    assert_eq!(guest.recv().await.id, id);
+    guest.send(&exited(4), id).await;
+    assert_eq!(code_of(conn.await_reply(rx).await), 4);
+    assert_eq!(conn.dropped_frames(), 996);
+    for n in 0..4 {
+        assert_eq!(notes.recv().await.unwrap().result, n);
+    }
+    assert!(
+        notes.try_recv().is_none(),
+        "more than the queue's bound kept"
+    );
+    // Once read, the queue takes notifications again.
+    guest.send(&Message::Notification(note(7)), 0).await;
+    assert_eq!(
+        tokio::time::timeout(PATIENCE, notes.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .result,
+        7
+    );
+}
+
+#[tokio::test]
+async fn notifications_kept_unread_are_bounded_in_bytes_across_containers() {
+    let options = ConnectionOptions {
+        notification_bytes: 16 * 1024,
+        ..Default::default()
+    };
+    let (conn, mut guest) = connected(options).await;
+    let mut a = conn.subscribe("a");
+    let b = conn.subscribe("b");
+    // ~4.1 KiB each: three fit in the budget, whichever containers they are for.
+    let fat = |c: &str| ContainerNotification {
+        base: RequestBase::for_container(c),
+        kind: "x".repeat(4000),
+        operation: "None".into(),
+        result: 0,
+        result_info: None,
+    };
+    for c in ["a", "a", "b", "b", "a", "b", "a", "b"] {
+        guest.send(&Message::Notification(fat(c)), 0).await;
+    }
+    let (id, rx) = conn.send(&wait(1)).await.unwrap();
+    assert_eq!(guest.recv().await.id, id);
+    guest.send(&exited(1), id).await;
+    conn.await_reply(rx).await.unwrap();
+    assert_eq!(conn.dropped_frames(), 5);
+    // Read ones give their bytes back; a dropped receiver gives back what it had queued.
+    assert!(a.try_recv().is_some() && a.try_recv().is_some() && a.try_recv().is_none());
+    drop(b);
+    for c in ["a", "a", "a"] {
+        guest.send(&Message::Notification(fat(c)), 0).await;
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(PATIENCE, a.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(conn.dropped_frames(), 5);
+}
+
+#[tokio::test]
+async fn a_failed_negotiation_hangs_up_on_the_guest() {
+    for answer in [
+        // Refused.
+        br#"{"Result":-2147467259,"ErrorMessage":"no"}"#.to_vec(),
+        // Success, with capabilities that are not an object.
+        br#"{"Result":0,"Version":4,"Capabilities":"nonsense"}"#.to_vec(),
+        // A version nobody offered.
+        br#"{"Result":0,"Version":5}"#.to_vec(),
+    ] {
+        let (host_end, guest_end) = tokio::io::duplex(1 << 16);
+        let mut guest = FakeGuest { io: guest_end };
+        let respond = async {
+            let f = guest.recv().await;
+            let frame = Frame {
+                ident: Identifier::Response(Rpc::NegotiateProtocol),
+                id: f.id,
+                body: answer.clone(),
+            };
+            guest
+                .io
+                .write_all(&frame.encode(65536).unwrap())
+                .await
+                .unwrap();
+        };
+        let (r, ()) = tokio::join!(
+            GuestConnection::connect(transport(), Box::new(host_end), Default::default()),
+            respond
+        );
+        assert!(
+            r.is_err(),
+            "connected after {:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        // The host hung up: the guest reads the end of the stream, not silence.
+        let end = tokio::time::timeout(PATIENCE, read_frame(&mut guest.io, 1 << 20))
+            .await
+            .expect("the host kept the connection open after a failed negotiation");
+        assert!(end.is_err());
+    }
+}
+
+#[tokio::test]
 async fn a_guest_that_never_answers_negotiation_times_out() {
     let (host_end, guest_end) = tokio::io::duplex(1 << 16);
     let options = ConnectionOptions {
