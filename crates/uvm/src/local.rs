@@ -346,8 +346,20 @@ impl UtilityVm for LocalUvm {
                 )));
             }
         };
-        let conn =
-            GuestConnection::connect(transport, stream, self.config.connection.clone()).await?;
+        let conn = match GuestConnection::connect(transport, stream, self.config.connection.clone())
+            .await
+        {
+            Ok(conn) => conn,
+            Err(e) => {
+                // An agent that cannot be talked to (it lied in the negotiation, or never
+                // answered it) must not outlive the failed start: it would re-dial forever.
+                let _ = child.kill().await;
+                if let Some(cg) = self.cgroup.take() {
+                    let _ = std::fs::remove_dir(&cg);
+                }
+                return Err(e.into());
+            }
+        };
         tracing::info!(name = %self.config.name, pid, isolate = self.config.isolate, "local UVM started");
         self.child = Some(child);
         self.pid = pid;
@@ -366,21 +378,32 @@ impl UtilityVm for LocalUvm {
         if self.paused {
             let _ = self.freeze(false);
         }
+        // One grace period for the whole stop: an agent that does not answer the shutdown
+        // request (or stopped reading) is killed when it ends, as one that does not exit is.
+        let deadline = tokio::time::Instant::now() + grace;
         if let Some(conn) = self.conn.take() {
             let uvm = host::Container::uvm(&conn);
-            if let Err(e) = uvm.shutdown(true).await {
-                tracing::debug!(error = %e, "shutdown request failed; killing the agent");
+            match tokio::time::timeout_at(deadline, uvm.shutdown(true)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "shutdown request failed"),
+                Err(_) => {
+                    tracing::warn!(name = %self.config.name, "the agent did not answer the shutdown request within {grace:?}")
+                }
             }
         }
         match (child, adopted) {
             (Some(mut child), _) => {
-                if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                if tokio::time::timeout_at(deadline, child.wait())
+                    .await
+                    .is_err()
+                {
                     tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
                     let _ = child.kill().await;
                 }
             }
             (None, Some(pid)) => {
-                if !wait_pid_exit(pid, grace).await {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if !wait_pid_exit(pid, left).await {
                     tracing::warn!(name = %self.config.name, "the agent did not stop within {grace:?}; killing it");
                     // SAFETY: kill with a pid and a signal number.
                     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
