@@ -170,6 +170,17 @@ impl InputPipe {
         InputPipe::Resumable { sender, delivery }
     }
 
+    /// Ends a resumable stdin's delivery when aborted, wherever the pipe is by then (held,
+    /// in a client's hands, or closed and delivering in the background). For when the
+    /// process has exited: the rest will never be read, and the delivery would otherwise wait
+    /// for ever, with its port and buffer, for the guest to dial again. None for a raw pipe.
+    pub fn delivery_abort_handle(&self) -> Option<tokio::task::AbortHandle> {
+        match self {
+            InputPipe::Raw(_) => None,
+            InputPipe::Resumable { delivery, .. } => Some(delivery.abort_handle()),
+        }
+    }
+
     /// A handle on a resumable stdin's state, for saving it (None for a raw pipe).
     pub fn state_handle(&self) -> Option<StdinHandle> {
         match self {

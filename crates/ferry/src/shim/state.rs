@@ -136,12 +136,22 @@ impl ProcRec {
         let stderr = log("stderr", process.take_stderr())?;
         let stdin = process.take_stdin();
         let stdin_state = stdin.as_ref().and_then(|s| s.state_handle());
+        // Once the process has exited nobody reads its stdin: the delivery ends then, or it
+        // would keep the port listened on (and its buffer) for as long as the shim lives.
+        let stdin_delivery = stdin.as_ref().and_then(|s| s.delivery_abort_handle());
         let process = Arc::new(process);
         let (tx, exit) = watch::channel(exit_code.map(Ok));
-        if exit_code.is_none() {
+        if exit_code.is_some() {
+            if let Some(d) = stdin_delivery {
+                d.abort();
+            }
+        } else {
             let (p, out, err) = (process.clone(), stdout.clone(), stderr.clone());
             tokio::spawn(async move {
                 let code = p.wait().await.map_err(|e| e.to_string());
+                if let (Ok(_), Some(d)) = (&code, stdin_delivery) {
+                    d.abort();
+                }
                 let captured = async {
                     for log in [out, err].into_iter().flatten() {
                         log.finished().await;
