@@ -141,6 +141,14 @@ pub enum UvmCommand {
     /// Start a UVM: by default on the embedded backend (the guest agent in its own
     /// namespaces, no hypervisor); `--backend qemu` boots a real VM (the image comes from
     /// `ferry image build`, built on first use).
+    #[command(after_long_help = "\
+Environment (read by the UVM's host process):
+  FERRY_GCS_LOG=FILTER     the guest agent's log level (its gcs.log), e.g. debug
+  FERRY_GCS_PROGRAM=PATH   local backend, for testing and debugging: run the program at this
+                           absolute path as the guest agent instead of `ferry gcs`. It gets
+                           the agent's arguments (--transport=hybrid-vsock --base SOCKET
+                           --state-dir DIR --log-file FILE ...). A UVM whose agent is not
+                           named ferry-gcs cannot be restored or upgraded.")]
     Start {
         name: String,
         /// Where the UVM runs.

@@ -111,10 +111,32 @@ async fn start(args: &ShimArgs, paths: &UvmPaths) -> Result<(Backend, GuestConne
     }
 }
 
+/// Names another guest agent program for the local backend (see `ferry uvm start --help`):
+/// for testing the host against an agent that misbehaves, or debugging with a standalone
+/// `ferry-gcs`.
+pub const GCS_PROGRAM_ENV: &str = "FERRY_GCS_PROGRAM";
+
 pub fn local_config(args: &ShimArgs, paths: &UvmPaths) -> Result<LocalConfig, String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?;
-    let mut config = LocalConfig::new(&args.name, paths.dir.clone(), exe, vec!["gcs".into()]);
+    let (program, prefix) = match std::env::var_os(GCS_PROGRAM_ENV) {
+        Some(p) if !p.is_empty() => {
+            let p = PathBuf::from(p);
+            // No search of $PATH, no path relative to wherever the shim happens to run.
+            if !p.is_absolute() || !p.is_file() {
+                return Err(format!(
+                    "{GCS_PROGRAM_ENV}={}: not an absolute path to a program",
+                    p.display()
+                ));
+            }
+            tracing::warn!(program = %p.display(), "guest agent program set by {GCS_PROGRAM_ENV}");
+            (p, vec![])
+        }
+        _ => (
+            std::env::current_exe()
+                .map_err(|e| format!("cannot find the ferry executable: {e}"))?,
+            vec!["gcs".into()],
+        ),
+    };
+    let mut config = LocalConfig::new(&args.name, paths.dir.clone(), program, prefix);
     if let Some(i) = args.isolate {
         config.isolate = i;
     }
