@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
+use uvm::QemuUvm;
 
 /// What a command ends with: an exit code for the CLI.
 pub type Outcome = Result<i32, String>;
@@ -465,7 +466,10 @@ async fn uvm_restore(root: &Path, snapshot: &Path) -> Result<String, String> {
 }
 
 async fn uvm_stop(root: &Path, name: &str, json: bool) -> Outcome {
-    let (info, _) = client::request(root, name, &Request::Info).await?;
+    let info = match client::request(root, name, &Request::Info).await {
+        Ok((info, _)) => info,
+        Err(e) => return stop_orphan(root, name, json, e).await,
+    };
     client::request(root, name, &Request::Stop).await?;
     if let Some(pid) = info["shim_pid"].as_u64()
         && !uvm::local::wait_pid_exit(pid as u32, Duration::from_secs(15)).await
@@ -478,6 +482,41 @@ async fn uvm_stop(root: &Path, name: &str, json: bool) -> Outcome {
         print_json(&serde_json::json!({"stopped": name}));
     } else {
         println!("{name}");
+    }
+    Ok(0)
+}
+
+/// The QEMU a UVM's snapshot records, when it still runs without its host process (the shim
+/// crashed or was killed; e.g. a migration's source killed after the switch-over, its copy
+/// left paused).
+async fn orphan_qemu(root: &Path, name: &str) -> Option<QemuUvm> {
+    let dir = UvmPaths::new(root, name).dir;
+    let snap = crate::snapshot::read(&dir.join("snapshot")).ok()?;
+    let q = snap.uvm.qemu.as_ref()?;
+    let config = crate::shim::backend::qemu_config(name, snap.uvm.state_dir.clone(), q);
+    // Checks that the pid is this UVM's QEMU (its QMP socket on its command line).
+    QemuUvm::adopt(config, snap.uvm.agent_pid).await.ok()
+}
+
+/// `uvm stop` of a UVM whose shim is gone: stops the QEMU it left, if any; else `unreachable`.
+async fn stop_orphan(root: &Path, name: &str, json: bool, unreachable: String) -> Outcome {
+    let Some(mut qemu) = orphan_qemu(root, name).await else {
+        return Err(unreachable);
+    };
+    let pid = uvm::UtilityVm::properties(&qemu).pid;
+    uvm::UtilityVm::stop(&mut qemu, Duration::from_secs(5))
+        .await
+        .map_err(|e| {
+            format!("UVM {name:?} has no host process and its QEMU would not stop: {e}")
+        })?;
+    tracing::warn!(name, ?pid, "stopped a QEMU left without its host process");
+    if json {
+        print_json(&serde_json::json!({"stopped": name, "orphaned_qemu": pid}));
+    } else {
+        println!(
+            "{name} (its QEMU, pid {}, had no host process)",
+            pid.unwrap_or_default()
+        );
     }
     Ok(0)
 }
@@ -510,6 +549,11 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
                 "backend": d["uvm"]["backend"],
                 "pid": d["uvm"]["pid"],
                 "containers": d["containers"].as_array().map(|a| a.len()).unwrap_or(0),
+            }),
+            None if orphan_qemu(root, &name).await.is_some() => serde_json::json!({
+                "name": name, "status": "orphaned", "backend": "qemu", "pid": null,
+                "containers": 0,
+                "hint": format!("its QEMU runs without a host process: `ferry uvm restore` takes it over, `ferry uvm stop {name}` ends it"),
             }),
             // A UVM that left by live migration says where to.
             None => match std::fs::read_to_string(dir.join("migrated")) {

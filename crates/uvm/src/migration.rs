@@ -18,7 +18,7 @@
 //! | `…minimum_throttle_percentage` | `cpu-throttle-initial` (the first throttle step) | 1–99 (%) |
 //! | `…target_number_of_brownout_transfer_passes` | refused: QEMU has no pass target (use the maximum, or the blackout time) | absent |
 //! | `…starting_brownout_pass_number_for_throttling` | refused: QEMU's auto-converge decides itself when to start (dirty rate outpacing the transfer) | absent |
-//! | `…maximum_number_of_brownout_transfer_passes` | ferry: when QEMU's `dirty-sync-count` reaches it, `downtime-limit` is raised to the cancel threshold (else QEMU's maximum) so QEMU stops the VM and switches over | 1–10000 |
+//! | `…maximum_number_of_brownout_transfer_passes` | ferry: when QEMU's `dirty-sync-count` reaches it, `downtime-limit` is raised to the cancel threshold (else QEMU's maximum) so QEMU stops the VM and switches over; absent under TCG: 30 (`TCG_DEFAULT_MAX_PASSES`, a QEMU TCG dirty-tracking bug) | 1–10000 |
 //! | `…target_blackout_transfer_time` | `downtime-limit` (ms) | 1–2000000 |
 //! | `…blackout_time_threshold_for_cancelling_migration` | ferry: with `cancel_if_blackout_threshold_exceeds`, a blackout longer than this is cancelled and the source resumed (checked while the VM is stopped and against QEMU's reported downtime) | 1–2000000, ≥ target |
 //! | `cancel_if_blackout_threshold_exceeds` | enables that watchdog; needs the threshold | |

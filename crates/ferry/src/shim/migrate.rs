@@ -21,6 +21,7 @@
 
 use super::Shim;
 use super::backend::{Backend, BackendKind};
+use super::failpoint;
 use super::output;
 use super::restore;
 use super::state::ContainerRec;
@@ -37,7 +38,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use uvm::{MemoryAddress, MigrationEvent, QemuMigrationPlan, QemuUvm, UtilityVm};
@@ -240,9 +243,22 @@ async fn migrate_out(
     let Backend::Qemu(q) = &mut *uvm else {
         unreachable!("checked above")
     };
-    q.migrate_out(&plan, &address, events, cancel)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (moved, dest_lost) = transfer_watching(q, &plan, &address, events, cancel, &mut dr).await;
+    if dest_lost {
+        // Its host process went away before the state was sent: no one there can run the
+        // guest (only that process resumes its QEMU, and it never got the snapshot).
+        let why = "the destination's host process went away during the transfer";
+        if moved.is_ok() {
+            q.finalize_source(true)
+                .await
+                .map_err(|e| format!("{why}, and the source could not resume the UVM: {e}"))?;
+        }
+        return Err(match moved {
+            Ok(()) => format!("{why}; the UVM runs here again"),
+            Err(e) => format!("{why} ({e}); the UVM runs here again"),
+        });
+    }
+    moved.map_err(|e| e.to_string())?;
     // The VM is stopped here for good unless the destination fails before resuming.
     shim.stopping.store(true, Ordering::SeqCst);
     let transfer = started.elapsed();
@@ -256,6 +272,7 @@ async fn migrate_out(
     };
     match answer {
         Ok(r) if r.ok => {
+            failpoint::hold(&shim.paths.dir, failpoint::SOURCE_AFTER_SWITCHOVER).await;
             shim.conn.close("the UVM migrated to another host");
             if let Err(e) = q.finalize_source(false).await {
                 tracing::warn!(error = %e, "quitting the source QEMU");
@@ -291,6 +308,45 @@ async fn migrate_out(
              `ferry uvm resume {}`",
             shim.name, shim.name
         )),
+    }
+}
+
+/// QEMU's transfer, watching the destination's control connection meanwhile: the client
+/// cancelling, or that connection ending (the destination's host process died), cancels it.
+/// Returns the transfer's result and whether the destination went away.
+async fn transfer_watching<R: AsyncBufRead + Unpin>(
+    q: &mut QemuUvm,
+    plan: &QemuMigrationPlan,
+    address: &MemoryAddress,
+    events: &mpsc::UnboundedSender<MigrationEvent>,
+    mut cancel: watch::Receiver<bool>,
+    dest: &mut R,
+) -> (uvm::Result<()>, bool) {
+    let (stop_tx, stop) = watch::channel(*cancel.borrow());
+    let moved = q.migrate_out(plan, address, events, stop);
+    tokio::pin!(moved);
+    let (mut client_open, mut dest_open, mut dest_lost) = (true, true, false);
+    loop {
+        tokio::select! {
+            r = &mut moved => return (r, dest_lost),
+            c = cancel.changed(), if client_open => match c {
+                Ok(()) => {
+                    if *cancel.borrow() {
+                        let _ = stop_tx.send(true);
+                    }
+                }
+                Err(_) => client_open = false,
+            },
+            // Not consumed: an early answer (the destination failing) is read afterwards.
+            b = dest.fill_buf(), if dest_open => {
+                dest_open = false;
+                if b.map(|b| b.is_empty()).unwrap_or(true) {
+                    tracing::warn!("the destination's host process went away; cancelling the transfer");
+                    dest_lost = true;
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
     }
 }
 
@@ -625,6 +681,7 @@ where
         return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;
     }
     tracing::debug!(elapsed = ?wait_started.elapsed(), "snapshot written");
+    failpoint::hold(&paths.dir, failpoint::INCOMING_BEFORE_RESUME).await;
     if let Err(e) = uvm.resume_incoming().await {
         return fail(&mut uvm, &mut w, format!("cannot resume the UVM: {e}")).await;
     }

@@ -2,6 +2,7 @@
 //! and serves the control socket the CLI talks to.
 
 pub mod backend;
+pub mod failpoint;
 pub mod migrate;
 mod ops;
 pub mod output;

@@ -19,7 +19,7 @@
 //! Failed, and returns [`UvmError::Migration`]. The destination never runs the guest unless
 //! [`QemuUvm::resume_incoming`] is called, and QEMU ends a destination whose stream broke.
 
-use super::{QemuUvm, RECONNECT_PATIENCE, SOCKETS_TIMEOUT, wait_exit};
+use super::{Accel, QemuUvm, RECONNECT_PATIENCE, SOCKETS_TIMEOUT, wait_exit};
 use crate::migration::{MemoryAddress, MigrationEvent, Origin, Outcome, Phase, QemuMigrationPlan};
 use crate::qmp::Qmp;
 use crate::{Result, UvmError};
@@ -393,10 +393,19 @@ impl QemuUvm {
         self.migration.check_may_run()?;
         plan.check_address(address)?;
         let exit = self.exit.clone().ok_or(UvmError::NotRunning)?;
+        let accel = self.accel();
         let qmp = self.qmp.as_mut().ok_or(UvmError::NotRunning)?;
         let t = Instant::now();
         let run = qmp.execute("query-status", None).await?;
         let was_running = run["running"] == true;
+        let capped;
+        let plan = match tcg_pass_cap(plan, accel) {
+            Some(p) => {
+                capped = p;
+                &capped
+            }
+            None => plan,
+        };
         let result = transfer(qmp, plan, address, events, cancel, exit).await;
         match result {
             Ok(downtime) => {
@@ -740,10 +749,53 @@ async fn transfer(
     }
 }
 
+/// Under TCG, a migration switches over after this many passes unless the options set a limit.
+///
+/// QEMU 7.2's TCG dirty tracking loses writes over long auto-converged migrations: guests
+/// migrated after 83-286 passes came up with corrupt kernel memory (slab and list corruption,
+/// segfaults), with ferry and with QEMU driven by hand over QMP alike, while migrations forced
+/// to switch over by pass 10 stayed sound (see BENCHMARKS.md). KVM tracks dirty pages in the
+/// kernel and keeps QEMU's behaviour.
+pub const TCG_DEFAULT_MAX_PASSES: u64 = 30;
+
+/// The plan with the TCG pass limit, when it applies and the options set none.
+fn tcg_pass_cap(plan: &QemuMigrationPlan, accel: Accel) -> Option<QemuMigrationPlan> {
+    if accel == Accel::Kvm || plan.max_passes.is_some() {
+        return None;
+    }
+    tracing::info!(
+        passes = TCG_DEFAULT_MAX_PASSES,
+        "TCG: the switchover is forced after this many passes (set a pass limit to change it)"
+    );
+    Some(QemuMigrationPlan {
+        max_passes: Some(TCG_DEFAULT_MAX_PASSES),
+        ..plan.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::{Accel, QemuConfig};
+    use crate::qemu::QemuConfig;
+
+    #[test]
+    fn tcg_caps_the_passes_unless_the_options_do() {
+        let plan = QemuMigrationPlan::default();
+        let capped = tcg_pass_cap(&plan, Accel::Tcg).unwrap();
+        assert_eq!(capped.max_passes, Some(TCG_DEFAULT_MAX_PASSES));
+        assert!(
+            tcg_pass_cap(&plan, Accel::Kvm).is_none(),
+            "KVM keeps QEMU's"
+        );
+        let own = QemuMigrationPlan {
+            max_passes: Some(500),
+            ..QemuMigrationPlan::default()
+        };
+        assert!(
+            tcg_pass_cap(&own, Accel::Tcg).is_none(),
+            "the caller's limit wins"
+        );
+    }
 
     fn uvm() -> QemuUvm {
         QemuUvm::new(QemuConfig::new(
