@@ -83,11 +83,7 @@ impl MuxSession {
             MuxRole::Client => yamux::Mode::Client,
             MuxRole::Server => yamux::Mode::Server,
         };
-        let conn = yamux::Connection::new(
-            TokioAsyncReadCompatExt::compat(io),
-            yamux::Config::default(),
-            mode,
-        );
+        let conn = yamux::Connection::new(TokioAsyncReadCompatExt::compat(io), config(), mode);
         let (open_tx, open_rx) = mpsc::channel(OPEN_QUEUE);
         let registry = PortRegistry::new();
         tokio::spawn(drive(conn, open_rx, Arc::clone(&registry), closed_tx, role));
@@ -428,4 +424,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
         self.observe(&result);
         result
     }
+}
+
+/// Streams per session: yamux's default (a process has up to three: stdin, stdout, stderr).
+const MAX_STREAMS: usize = 512;
+
+/// yamux with what a peer can make this side buffer bounded: each stream's window is yamux's
+/// 256 KiB, and the whole session's is the least yamux allows for that many streams (128 MiB,
+/// where its default would let a hostile guest fill 1 GiB of the host).
+fn config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_num_streams(MAX_STREAMS)
+        .set_max_connection_receive_window(Some(MAX_STREAMS * yamux::DEFAULT_CREDIT as usize));
+    c
 }
