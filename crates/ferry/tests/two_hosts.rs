@@ -463,8 +463,19 @@ fn the_destination_disk_is_full() {
         .arg(format!("of={}", uvms.join("filler").display()))
         .output()
         .unwrap();
+    // Still waiting (a full disk is no reason for the receiver to go).
+    hosts.b.ok(&["uvm", "inspect", "m"]);
     let m = start_migrate(&hosts, &dest, &[]);
     let (ok, _, err) = finish(m);
+    let log = std::fs::read_to_string(uvms.join("m/shim.log")).unwrap_or_default();
+    let df = std::process::Command::new("df")
+        .arg(&uvms)
+        .output()
+        .unwrap();
+    let err = format!(
+        "{err}\n-- destination shim.log:\n{log}\n-- df:\n{}",
+        String::from_utf8_lossy(&df.stdout)
+    );
     assert!(!ok, "the destination had no room: {err}");
     assert!(
         err.contains("No space left"),
