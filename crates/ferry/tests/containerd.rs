@@ -35,7 +35,18 @@ fn run_gives_exit_codes_and_output_as_runc_does() {
             let args = [&["run", "--rm", "--runtime", rt, IMAGE, &name][..], cmd].concat();
             lab.ctr(&args, stdin)
         };
-        let outputs = run("out", &["sh", "-c", "echo out; echo err >&2; exit 3"], None);
+        let script = ["sh", "-c", "echo out; echo err >&2; exit 3"];
+        let mut outputs = run("out", &script, None);
+        // The reference itself is flaky: with runc, `ctr run --rm` now and then exits before it
+        // has copied a stderr line (about 1 run in 10 here). Asked again, up to twice more, so
+        // that what is compared is runc's behaviour, not ctr's race; ferry is asked once.
+        for again in ["out2", "out3"] {
+            if rt != RUNC || !outputs.stderr.is_empty() {
+                break;
+            }
+            eprintln!("runc reference lost its stderr line (ctr's copy race); asking again");
+            outputs = run(again, &script, None);
+        }
         let stdin = lab.ctr_with_input(
             &[
                 "run",
