@@ -141,14 +141,36 @@ struct ReadStats {
     /// Sessions of `ferry logs -f` (one per handoff, plus retries).
     sessions: u64,
     failed_sessions: u64,
+    /// Sessions told of dropped older output more than once before their first byte.
+    multi_notice_starts: u64,
     /// From the END line: last sequence number written and the writer's running time.
     end_seq: Option<u64>,
     end_cs: Option<u64>,
     /// Stream offset reached.
     offset: u64,
+    /// The first irregularities seen (kind, sequence numbers, stream offset, session, time).
+    events: Vec<Value>,
+    /// Stream offset just past the line being checked.
+    #[serde(skip)]
+    offset_at_line: u64,
 }
 
 impl ReadStats {
+    fn event(&mut self, kind: &str, got: u64, line_len: u64) {
+        if self.events.len() < 20 {
+            let ms = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            self.events.push(json!({
+                "kind": kind, "expected": self.next, "got": got,
+                // The stream offset of the line's first byte.
+                "offset": self.offset_at_line.saturating_sub(line_len),
+                "session": self.sessions, "unix_ms": ms,
+            }));
+        }
+    }
+
     fn line(&mut self, i: usize, line: &[u8]) {
         let len = line.len() as u64 + 1;
         let s = String::from_utf8_lossy(line);
@@ -185,11 +207,13 @@ impl ReadStats {
             self.next = 1;
         }
         if seq < self.next || self.end_seq.is_some() {
+            self.event("duplicated", seq, len);
             self.duplicated_lines += 1;
             self.duplicated_bytes += len;
             return;
         }
         if seq > self.next {
+            self.event("gap", seq, len);
             self.lost_lines += seq - self.next;
             self.lost_bytes += (self.next..seq).map(|k| line_len(i, k)).sum::<u64>();
         }
@@ -271,10 +295,16 @@ fn read_writer(
                 let mut e = Vec::new();
                 let _ = err.read_to_end(&mut e);
                 err_text.push_str(&String::from_utf8_lossy(&e));
+                // A replay can be told more than once before its first byte: the capture may
+                // move the ring's start on while the first notice is being sent. The first
+                // byte's stream offset is their sum.
                 let notices = dropped_notices(&err_text);
                 notices_at_start = notices.len();
-                let s = notices.first().copied().unwrap_or(0);
+                let s = notices.iter().sum::<u64>();
                 let mut st = stats.lock().unwrap();
+                if notices.len() > 1 {
+                    st.multi_notice_starts += 1;
+                }
                 if s > st.offset {
                     // The ring moved past what this reader had read: a gap in what it sees.
                     st.ring_gap_bytes += s - st.offset;
@@ -291,10 +321,13 @@ fn read_writer(
                 let skip = ((st.offset - pos) as usize).min(data.len());
                 data = &data[skip..];
             }
+            let mut at = st.offset;
             st.offset += data.len() as u64;
             let before = st.received_bytes;
             for &b in data {
+                at += 1;
                 if b == b'\n' {
+                    st.offset_at_line = at;
                     st.line(w.idx, &partial);
                     partial.clear();
                 } else {
@@ -312,11 +345,10 @@ fn read_writer(
         // sequence check counts the lines; this says why). The stream offset moves on by as
         // much, so that the next session skips the right amount.
         let notices = dropped_notices(&err_text);
-        if start.is_none()
-            && let Some(&n) = notices.first()
-        {
-            // A session that delivered nothing but the notice.
-            notices_at_start = 1;
+        if start.is_none() && !notices.is_empty() {
+            // A session that delivered nothing but notices.
+            notices_at_start = notices.len();
+            let n = notices.iter().sum::<u64>();
             if n > st.offset {
                 st.ring_gap_bytes += n - st.offset;
                 st.offset = n;
@@ -1031,6 +1063,7 @@ fn main() {
             "handoff_ms": {"p50": pct(0.5), "p90": pct(0.9), "max": pct(1.0)},
             "logs_sessions": sum(|s| s.sessions),
             "logs_sessions_failed": sum(|s| s.failed_sessions),
+            "logs_sessions_told_dropped_twice_before_first_byte": sum(|s| s.multi_notice_starts),
             "readers_unfinished": readers_unfinished,
             "shim_log_error_lines": shim_log_errors,
         },
@@ -1041,6 +1074,12 @@ fn main() {
             "no_exit_codes_missing": missing == 0,
             "rss_and_fds_flat": all_flat,
         },
+        "irregularities": stats
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.events.is_empty())
+            .map(|(i, s)| json!({"process": i, "events": s.events}))
+            .collect::<Vec<_>>(),
         "samples": samples,
         "handoff_times_s": handoff_times,
     });
