@@ -658,9 +658,10 @@ where
     let limit = spec.log_limit;
     let wait_started = Instant::now();
     let (loaded, state) = tokio::join!(uvm.wait_incoming(&tx), read_state(&mut r, paths, limit));
+    // QEMU is gone before the source hears of the failure (and resumes its copy): never two.
     let fail = async |uvm: &mut QemuUvm, w: &mut W, e: String| {
-        let _ = control::write_line(w, &Reply::error(e.clone())).await;
         let _ = uvm.stop(Duration::from_secs(1)).await;
+        let _ = control::write_line(w, &Reply::error(e.clone())).await;
         Err(Failure::Retry(e))
     };
     tracing::debug!(elapsed = ?wait_started.elapsed(), "memory and host state received");
