@@ -376,14 +376,7 @@ fn read_writer(
 }
 
 fn status_kb(pid: u32, key: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    status_line(&format!("/proc/{pid}/status"), key)
 }
 
 fn fd_count(pid: u32) -> Option<u64> {
@@ -673,6 +666,7 @@ fn machine() -> Value {
     })
 }
 
+/// The number after `key` in a `/proc` file of `Key: value` lines.
 fn status_line(file: &str, key: &str) -> Option<u64> {
     std::fs::read_to_string(file)
         .ok()?

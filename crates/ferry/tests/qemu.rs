@@ -5,12 +5,11 @@
 //! Needs qemu-system-x86_64, apt (the kernel package is downloaded once) and busybox-static;
 //! says "skipped" loudly without them.
 
+#[path = "support/guest_image.rs"]
+mod guest_image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn skip(test: &str) -> bool {
     let have = |tool: &str| {
@@ -28,20 +27,6 @@ fn skip(test: &str) -> bool {
     false
 }
 
-/// The static agent the image needs, built with the project's script (a no-op when current).
-fn build_static_gcs() {
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/build-static-gcs.sh"))
-        .current_dir(workspace_root())
-        .output()
-        .expect("run scripts/build-static-gcs.sh");
-    assert!(
-        out.status.success(),
-        "scripts/build-static-gcs.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A private ferry installation whose QEMU UVM is stopped (and, failing that, killed) on drop.
 /// Images are cached in one directory for all tests so the kernel is fetched once.
 pub struct Env {
@@ -49,15 +34,12 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn new(tag: &str) -> Env {
+    /// `cache`: the shared image cache, from [`guest_image::cache`].
+    pub fn new(tag: &str, cache: &Path) -> Env {
         let state = PathBuf::from(format!("/tmp/fq-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&state);
         std::fs::create_dir_all(&state).unwrap();
-        // Share the image cache between test runs (the kernel package download is the slow part).
-        let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ferry-images");
-        std::fs::create_dir_all(&cache).unwrap();
-        std::fs::create_dir_all(state.join("images")).unwrap();
-        std::os::unix::fs::symlink(&cache, state.join("images/uvm")).unwrap();
+        guest_image::link(&state, cache);
         Env { state }
     }
 
@@ -151,8 +133,7 @@ fn a_container_in_a_qemu_uvm_and_a_host_upgrade_under_it() {
     if skip("a_container_in_a_qemu_uvm_and_a_host_upgrade_under_it") {
         return;
     }
-    build_static_gcs();
-    let env = Env::new("basic");
+    let env = Env::new("basic", &guest_image::cache());
     env.start("q");
 
     // A container from the built-in image, inside the VM: output and exit code come back.
@@ -232,9 +213,9 @@ fn live_migration_ping_pong_loses_no_output_and_keeps_stdin() {
     if skip("live_migration_ping_pong_loses_no_output_and_keeps_stdin") {
         return;
     }
-    build_static_gcs();
-    let a = Env::new("mig-a");
-    let b = Env::new("mig-b");
+    let cache = guest_image::cache();
+    let a = Env::new("mig-a", &cache);
+    let b = Env::new("mig-b", &cache);
     a.start("m");
     // A counter every 10 ms until TERM, and a process that answers its stdin.
     a.ok(&[

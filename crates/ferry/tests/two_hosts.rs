@@ -40,55 +40,23 @@ fn a_vm_moves_between_network_hosts_over_tcp() {
         return;
     }
     let hosts = TwoHosts::new(&guest_image::cache());
-    let (a, b) = (&hosts.a, &hosts.b);
-    a.ok(&["uvm", "start", "m", "--backend", "qemu", "--memory", "256"]);
-    a.ok(&[
-        "run",
-        "m",
-        "--id",
-        "count",
-        "-d",
-        "--",
-        "sh",
-        "-c",
-        counter::SCRIPT,
-    ]);
     // The hosts see each other only through the link.
-    let listen = format!("{}:7000", b.ip);
-    b.ok(&[
-        "uvm",
-        "receive",
-        "m",
-        "--listen",
-        &listen,
-        "--memory-port",
-        "7001",
-    ]);
-    let json = a.ok(&["migrate", "m", "--to", &format!("tcp:{listen}"), "--json"]);
+    let dest = counter_and_receiver(&hosts, "", "");
+    let (ok, json, err) = finish(start_migrate(&hosts, &dest, &[]));
+    assert!(ok, "migration: {err}");
     let phases: Vec<String> = json
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|e| e["phase"].as_str().map(String::from))
         .collect();
     assert!(phases.iter().any(|p| p == "blackout_started"), "{json}");
-    assert!(
-        !a.qemu_running(),
-        "exactly one host runs the VM: not the source"
-    );
-    assert!(
-        b.qemu_running(),
-        "exactly one host runs the VM: the destination"
-    );
-    let ls = a.ok(&["uvm", "ls"]);
+    let ls = hosts.a.ok(&["uvm", "ls"]);
     assert!(
         ls.contains("migrated"),
         "the source says where it went: {ls}"
     );
-    // The counter went on there, every line once from 0.
-    let before = b.ok(&["logs", "m", "count"]).lines().count();
-    let seen = follow_counter(b, "m", "count", before + 10);
-    assert!(seen > before + 10, "{seen} lines after {before}");
-    b.ok(&["uvm", "stop", "m"]);
+    runs_on(&hosts.b, &hosts.a);
+    hosts.b.ok(&["uvm", "stop", "m"]);
 }
 
 /// The link between the hosts goes down in the middle of the memory transfer and comes back:
@@ -99,8 +67,8 @@ fn the_link_goes_down_mid_transfer_and_comes_back() {
         return;
     }
     let hosts = TwoHosts::new(&guest_image::cache());
-    let (a, b) = (&hosts.a, &hosts.b);
-    a.ok(&["uvm", "start", "m", "--backend", "qemu", "--memory", "256"]);
+    let dest = counter_and_receiver(&hosts, "", "");
+    let a = &hosts.a;
     // 24 MB of memory that is not zero (QEMU sends zero pages almost for free), so that at
     // 2 MiB/s the transfer lasts seconds.
     a.ok(&[
@@ -128,75 +96,18 @@ fn the_link_goes_down_mid_transfer_and_comes_back() {
         let _ = logs.kill();
         let _ = logs.wait();
     }
-    a.ok(&[
-        "run",
-        "m",
-        "--id",
-        "count",
-        "-d",
-        "--",
-        "sh",
-        "-c",
-        counter::SCRIPT,
-    ]);
-    let listen = format!("{}:7000", b.ip);
-    b.ok(&[
-        "uvm",
-        "receive",
-        "m",
-        "--listen",
-        &listen,
-        "--memory-port",
-        "7001",
-    ]);
-    let mut migrate = a
-        .cmd(&[
-            "migrate",
-            "m",
-            "--to",
-            &format!("tcp:{listen}"),
-            "--json",
-            "--max-bandwidth",
-            "2097152",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let events = std::io::BufReader::new(migrate.stdout.take().unwrap());
-    let mut cut = false;
-    let mut phases = Vec::new();
-    for line in events.lines() {
-        let line = line.unwrap();
-        let Ok(ev) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let phase = ev["phase"].as_str().unwrap_or("").to_string();
-        if !cut && phase == "transfer_in_progress" && ev["bytes"].as_u64().unwrap_or(0) > 0 {
-            cut = true;
-            hosts.link(false);
-            // The outage itself: how long the link stays down (not a wait for anything).
-            std::thread::sleep(std::time::Duration::from_secs(3));
-            hosts.link(true);
-        }
-        phases.push(phase);
-    }
-    let status = migrate.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut migrate.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(
-        cut,
-        "the transfer was over before the link could be cut: {phases:?}"
-    );
-    assert!(status.success(), "migration across the outage: {err}");
-    assert!(
-        !a.qemu_running() && b.qemu_running(),
-        "exactly one host runs the VM"
-    );
-    let before = b.ok(&["logs", "m", "count"]).lines().count();
-    let seen = follow_counter(b, "m", "count", before + 10);
-    assert!(seen > before + 10);
-    b.ok(&["uvm", "stop", "m"]);
+    let mut m = start_migrate(&hosts, &dest, &["--max-bandwidth", "2097152"]);
+    // Fails if the transfer is over before the link can be cut.
+    let mut events = until_memory_moves(&mut m);
+    hosts.link(false);
+    // The outage itself: how long the link stays down (not a wait for anything).
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    hosts.link(true);
+    std::io::Read::read_to_string(&mut events, &mut String::new()).unwrap();
+    let (ok, _, err) = finish(m);
+    assert!(ok, "migration across the outage: {err}");
+    runs_on(&hosts.b, &hosts.a);
+    hosts.b.ok(&["uvm", "stop", "m"]);
 }
 
 // -- faults during a migration ----------------------------------------------------------------

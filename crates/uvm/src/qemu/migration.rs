@@ -398,14 +398,8 @@ impl QemuUvm {
         let t = Instant::now();
         let run = qmp.execute("query-status", None).await?;
         let was_running = run["running"] == true;
-        let capped;
-        let plan = match tcg_pass_cap(plan, accel) {
-            Some(p) => {
-                capped = p;
-                &capped
-            }
-            None => plan,
-        };
+        let capped = tcg_pass_cap(plan, accel);
+        let plan = capped.as_ref().unwrap_or(plan);
         let result = transfer(qmp, plan, address, events, cancel, exit).await;
         match result {
             Ok(downtime) => {
