@@ -811,7 +811,8 @@ async fn read_state<R: AsyncBufRead + Unpin>(
         }
         // Not synced: the logs matter while this host runs the UVM, and a crash of this
         // machine ends the UVM too (the source keeps its copy).
-        tokio::task::block_in_place(|| std::fs::write(&path, &bytes))
+        tokio::fs::write(&path, &bytes)
+            .await
             .map_err(|e| format!("write {}: {e}", path.display()))?;
     }
     Ok(snap)

@@ -231,7 +231,7 @@ impl Drop for Claim<'_> {
     }
 }
 
-fn resolve_rootfs(shim: &Shim, rootfs: &Rootfs) -> Result<PathBuf, String> {
+async fn resolve_rootfs(shim: &Shim, rootfs: &Rootfs) -> Result<PathBuf, String> {
     if shim.kind == BackendKind::Qemu {
         // The container runs inside the VM: its root is a directory there, and the built-in
         // image is part of the guest's initramfs (it migrates with the guest's memory).
@@ -259,7 +259,9 @@ fn resolve_rootfs(shim: &Shim, rootfs: &Rootfs) -> Result<PathBuf, String> {
         }
         Rootfs::Image(i) if i == "busybox" => {
             let root = shim.root.clone();
-            tokio::task::block_in_place(|| spec::busybox_image(&root))
+            tokio::task::spawn_blocking(move || spec::busybox_image(&root))
+                .await
+                .map_err(|e| format!("building the busybox image: {e}"))?
         }
         Rootfs::Image(i) => Err(format!(
             "unknown image {i:?}: the built-in image is \"busybox\"; or pass --rootfs DIR"
@@ -305,7 +307,7 @@ async fn run(shim: &Shim, id: Option<String>, rootfs: Rootfs, p: ProcessSpec) ->
         shim,
         id: id.clone(),
     };
-    let rootfs = resolve_rootfs(shim, &rootfs)?;
+    let rootfs = resolve_rootfs(shim, &rootfs).await?;
     let oci = spec::container_spec(&id, &rootfs, &p)?;
     let container = Container::create(&shim.conn, &id, host::container::config_for(oci, ""))
         .await
