@@ -42,6 +42,8 @@ const SOCKETS_TIMEOUT: Duration = Duration::from_secs(10);
 const SOCKET_RETRY: Duration = Duration::from_millis(20);
 /// Pause between cutting a connection that brought no session hello and connecting again.
 const CUT_PAUSE: Duration = Duration::from_millis(5);
+/// The longest pause after a cut the guest missed (the pause doubles after each).
+const MAX_CUT_PAUSE: Duration = Duration::from_millis(80);
 /// The virtio-serial port's device id (QEMU reports the guest opening and closing it).
 const PORT_DEVICE_ID: &str = "agentport";
 /// How long a host reconnecting to a running guest waits for the guest's session hello
@@ -500,7 +502,14 @@ impl QemuUvm {
     /// connection that brings none within `patience` is cut and made again, until `until`:
     /// the guest may still run the session of the host before (after a migration or a host
     /// restart) and only a cut shows it that session's end.
+    ///
+    /// A guest can miss a cut (the port's end and the next connection both reach it before
+    /// its agent looks, as a guest just resumed under TCG does), so each cut after the first
+    /// waits longer for the guest to notice. (Cutting the first connection after a migration
+    /// at once, before the old session's first bytes, did not help: the guest missed that
+    /// cut every time.)
     pub async fn open_channel(&mut self, until: Instant, patience: Duration) -> Result<Transport> {
+        let mut cut_pause = CUT_PAUSE;
         loop {
             let agent = self.connect_socket(&self.agent_socket(), until).await?;
             let dup = agent
@@ -533,9 +542,14 @@ impl QemuUvm {
                             self.failure_context()
                         )));
                     }
-                    tracing::debug!(?other, "no session hello from the guest; connecting again");
+                    tracing::debug!(
+                        ?other,
+                        ?cut_pause,
+                        "no session hello from the guest; connecting again"
+                    );
                     // Bounded by `until`; gives the guest's port a moment to see the cut.
-                    tokio::time::sleep(CUT_PAUSE).await;
+                    tokio::time::sleep(cut_pause).await;
+                    cut_pause = (cut_pause * 2).min(MAX_CUT_PAUSE);
                 }
             }
         }

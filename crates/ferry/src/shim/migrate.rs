@@ -744,13 +744,13 @@ fn time_first_output(
     async move {
         let mut firsts = Vec::new();
         for (container, pid, log) in logs {
-            let offset = log.progress().written;
-            let waited = tokio::time::timeout(Duration::from_secs(10), log.wait_beyond(offset));
-            if waited.await.is_ok() && !log.progress().done {
+            // Timed where the byte arrived (the capture may have begun before this runs).
+            let first = tokio::time::timeout(Duration::from_secs(10), log.first_new_byte());
+            if let Ok(Some(at)) = first.await {
                 firsts.push(json!({
                     "container": container,
                     "pid": pid,
-                    "first_output_ms": resumed.elapsed().as_millis() as u64,
+                    "first_output_ms": at.saturating_duration_since(resumed).as_millis() as u64,
                 }));
             }
         }

@@ -323,6 +323,9 @@ impl SpaceSink for LogSink {
                 return Err(e);
             }
         }
+        if n > 0 {
+            log.first_new_byte.get_or_init(std::time::Instant::now);
+        }
         // Readers see the new count at once (they read it when they look); they are woken
         // only every so often.
         self.unannounced += n as u64;
@@ -374,6 +377,10 @@ pub struct OutputLog {
     held: Mutex<Option<u64>>,
     /// The mapped ring while the capture runs, for attached readers to send from.
     map: Mutex<Option<Arc<RingMap>>>,
+    /// How much the log held when this capture began, and when the capture got its first
+    /// byte beyond that (how long output stopped across a migration, for its report).
+    captured_from: u64,
+    first_new_byte: std::sync::OnceLock<std::time::Instant>,
 }
 
 /// Removes a reader's pin when it stops, and lets the capture go on.
@@ -501,6 +508,8 @@ impl OutputLog {
             next_pin: AtomicU64::new(0),
             held: Mutex::new(None),
             map: Mutex::new(None),
+            captured_from: written,
+            first_new_byte: std::sync::OnceLock::new(),
         }
     }
 
@@ -546,6 +555,13 @@ impl OutputLog {
 
     pub fn progress(&self) -> Progress {
         *self.progress.borrow()
+    }
+
+    /// When the first byte after those the log held at its start arrived, once one has:
+    /// waits for it (or for the stream's end: `None`).
+    pub async fn first_new_byte(&self) -> Option<std::time::Instant> {
+        self.wait_beyond(self.captured_from).await;
+        self.first_new_byte.get().copied()
     }
 
     /// Resolves once more than `offset` bytes are in the log (or the stream has ended).
@@ -730,6 +746,25 @@ mod tests {
 
     fn pattern(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn the_first_new_byte_is_timed_where_it_arrived() {
+        // What a migration's report reads: output may flow before anyone asks.
+        let path = temp("first-new");
+        let (log, mut sink) = ring(&path, MIN_LOG_LIMIT);
+        let nothing_yet =
+            tokio::time::timeout(std::time::Duration::ZERO, log.first_new_byte()).await;
+        assert!(nothing_yet.is_err(), "no byte has come");
+        let before = std::time::Instant::now();
+        feed(&mut sink, b"first").await;
+        let after = std::time::Instant::now();
+        feed(&mut sink, b"second").await;
+        let at = log.first_new_byte().await.expect("a byte came");
+        assert!(
+            before <= at && at <= after,
+            "the first byte's arrival, not a later one"
+        );
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@
 
 use super::Shim;
 use super::backend::{self, Backend};
-use super::output;
+use super::output::{self, OutputLog};
 use super::state::{ContainerRec, Logs, ProcRec};
 use crate::cli::ShimArgs;
 use crate::paths::UvmPaths;
@@ -115,6 +115,14 @@ pub async fn persist(shim: &Shim) {
 /// A container's restored processes by pid.
 type Procs = BTreeMap<u32, Arc<ProcRec>>;
 
+/// A live process's reopened pipes: stdin still to adopt, and the logs already capturing its
+/// stdout and stderr.
+type Reopened = (
+    host::process::ProcessIo,
+    Option<Arc<OutputLog>>,
+    Option<Arc<OutputLog>>,
+);
+
 type Adopted = HashMap<(String, u32), oneshot::Receiver<host::Result<Response>>>;
 
 /// Takes over the UVM a snapshot describes.
@@ -197,8 +205,11 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
         Found::Local(_, t) | Found::Qemu(_, t) => t.clone(),
     };
     // Before the agent is back: listen on every live process's stdio ports, so that its
-    // streams resume the moment it re-dials them (it does so as soon as a host negotiates).
+    // streams resume the moment it re-dials them (it does so as soon as its new session
+    // starts, before the bridge negotiates), and capture their output at once: after a
+    // migration, output flows again while the bridge is still being negotiated.
     let logs = snap.uvm.state_dir.join("logs");
+    let log_limit = snap.uvm.log_limit;
     let mut listening = tokio::task::JoinSet::new();
     for c in &snap.containers {
         // One task per container: the binds and log-header reads of thousands of streams
@@ -213,22 +224,31 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
         listening.spawn(async move {
             let mut ios = Vec::with_capacity(live.len());
             for p in live {
-                let recorded = |name: &str| output::recorded(&output::log_path(&dir, p.pid, name));
-                let io = host::stdio::reopen(
+                let path = |name: &str| output::log_path(&dir, p.pid, name);
+                let mut io = host::stdio::reopen(
                     &transport,
                     &p.migration,
-                    recorded("stdout"),
-                    recorded("stderr"),
+                    output::recorded(&path("stdout")),
+                    output::recorded(&path("stderr")),
                     p.stdin.clone(),
                 )
                 .await
                 .map_err(|e| format!("listening again for process {} of {id}: {e}", p.pid))?;
-                ios.push(((id.clone(), p.pid), io));
+                let capture = |name: &str, pipe: Option<host::OutputPipe>| {
+                    pipe.map(|pipe| OutputLog::capture(&path(name), pipe, true, log_limit, false))
+                        .transpose()
+                        .map_err(|e| format!("log {} of {id}: {e}", path(name).display()))
+                };
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("create {}: {e}", dir.display()))?;
+                let stdout = capture("stdout", io.stdout.take())?;
+                let stderr = capture("stderr", io.stderr.take())?;
+                ios.push(((id.clone(), p.pid), (io, stdout, stderr)));
             }
             Ok::<_, String>(ios)
         });
     }
-    let mut reopened: HashMap<(String, u32), host::process::ProcessIo> = HashMap::new();
+    let mut reopened: HashMap<(String, u32), Reopened> = HashMap::new();
     while let Some(done) = listening.join_next().await {
         reopened.extend(done.map_err(|e| format!("listen task: {e}"))??);
     }
@@ -275,7 +295,6 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
     conn.restore_floors(&floors_after(snap.connection));
     // Steps 4 and 5: per process, pipes and exits — all processes at once, so that a UVM with
     // thousands of them is back as fast as one with a few.
-    let log_limit = snap.uvm.log_limit;
     // Which processes still run, one request per container: only the others need a probe for
     // an exit whose answer may have been lost (a list that fails means probing them all).
     let mut running: HashMap<String, std::collections::HashSet<u32>> = HashMap::new();
@@ -291,11 +310,14 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
     for (ci, c) in snap.containers.iter().enumerate() {
         for p in &c.processes {
             let rx = adopted.remove(&(c.id.clone(), p.pid));
-            let io = reopened.remove(&(c.id.clone(), p.pid));
+            let (io, stdout, stderr) = match reopened.remove(&(c.id.clone(), p.pid)) {
+                Some((io, stdout, stderr)) => (Some(io), stdout, stderr),
+                None => (None, None, None),
+            };
             let probe = !running.get(&c.id).is_some_and(|r| r.contains(&p.pid));
             let (conn, id, p, log_dir) = (conn.clone(), c.id.clone(), p.clone(), logs.join(&c.id));
             tasks.spawn(async move {
-                let logs = Logs::existing(&log_dir, log_limit);
+                let logs = Logs::existing(&log_dir, log_limit).captured(stdout, stderr);
                 let rec = restore_process(&conn, &id, &p, rx, io, probe, logs)
                     .await
                     .map_err(|e| format!("restoring process {} of container {id}: {e}", p.pid));

@@ -53,6 +53,9 @@ pub struct Logs<'a> {
     append: bool,
     /// A client is about to attach: keep every byte for it (see [`OutputLog::release_hold`]).
     hold: bool,
+    /// stdout and stderr logs whose capture a restore started before the process was
+    /// adopted (its output flows again before the agent has negotiated).
+    captured: [Option<Arc<OutputLog>>; 2],
 }
 
 impl<'a> Logs<'a> {
@@ -63,6 +66,7 @@ impl<'a> Logs<'a> {
             limit,
             append: false,
             hold: attaching,
+            captured: [None, None],
         }
     }
 
@@ -73,7 +77,19 @@ impl<'a> Logs<'a> {
             limit,
             append: true,
             hold: false,
+            captured: [None, None],
         }
+    }
+
+    /// With the stdout and stderr logs a restore is capturing already (instead of capturing
+    /// the process's pipes).
+    pub fn captured(
+        mut self,
+        stdout: Option<Arc<OutputLog>>,
+        stderr: Option<Arc<OutputLog>>,
+    ) -> Self {
+        self.captured = [stdout, stderr];
+        self
     }
 }
 
@@ -119,6 +135,7 @@ impl ProcRec {
             limit,
             append,
             hold,
+            captured: [early_stdout, early_stderr],
         } = logs;
         let pid = process.pid();
         std::fs::create_dir_all(log_dir)?;
@@ -132,8 +149,14 @@ impl ProcRec {
                 None => None,
             })
         };
-        let stdout = log("stdout", process.take_stdout())?;
-        let stderr = log("stderr", process.take_stderr())?;
+        let stdout = match early_stdout {
+            Some(l) => Some(l),
+            None => log("stdout", process.take_stdout())?,
+        };
+        let stderr = match early_stderr {
+            Some(l) => Some(l),
+            None => log("stderr", process.take_stderr())?,
+        };
         let stdin = process.take_stdin();
         let stdin_state = stdin.as_ref().and_then(|s| s.state_handle());
         // Once the process has exited nobody reads its stdin: the delivery ends then, or it
