@@ -222,6 +222,10 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
             .collect();
         let (transport, dir, id) = (transport.clone(), logs.join(&c.id), c.id.clone());
         listening.spawn(async move {
+            if !live.is_empty() {
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("create {}: {e}", dir.display()))?;
+            }
             let mut ios = Vec::with_capacity(live.len());
             for p in live {
                 let path = |name: &str| output::log_path(&dir, p.pid, name);
@@ -234,13 +238,11 @@ pub async fn reattach_snapshot(snap: Snapshot, found: Found) -> Result<Reattache
                 )
                 .await
                 .map_err(|e| format!("listening again for process {} of {id}: {e}", p.pid))?;
-                let capture = |name: &str, pipe: Option<host::OutputPipe>| {
-                    pipe.map(|pipe| OutputLog::capture(&path(name), pipe, true, log_limit, false))
-                        .transpose()
-                        .map_err(|e| format!("log {} of {id}: {e}", path(name).display()))
+                let logs = Logs::existing(&dir, log_limit);
+                let capture = |name: &str, pipe| {
+                    logs.open(p.pid, name, pipe)
+                        .map_err(|e| format!("capturing {name} of process {} of {id}: {e}", p.pid))
                 };
-                std::fs::create_dir_all(&dir)
-                    .map_err(|e| format!("create {}: {e}", dir.display()))?;
                 let stdout = capture("stdout", io.stdout.take())?;
                 let stderr = capture("stderr", io.stderr.take())?;
                 ios.push(((id.clone(), p.pid), (io, stdout, stderr)));

@@ -81,6 +81,28 @@ impl<'a> Logs<'a> {
         }
     }
 
+    /// The log of `pid`'s stream `name` (stdout or stderr) under this directory: `pipe`
+    /// captured into it, or without a pipe, when continuing, the file already there.
+    pub fn open(
+        &self,
+        pid: u32,
+        name: &str,
+        pipe: Option<host::OutputPipe>,
+    ) -> std::io::Result<Option<Arc<OutputLog>>> {
+        let path = super::output::log_path(self.dir, pid, name);
+        Ok(match pipe {
+            Some(pipe) => Some(OutputLog::capture(
+                &path,
+                pipe,
+                self.append,
+                self.limit,
+                self.hold,
+            )?),
+            None if self.append && path.exists() => Some(OutputLog::existing(&path)),
+            None => None,
+        })
+    }
+
     /// With the stdout and stderr logs a restore is capturing already (instead of capturing
     /// the process's pipes).
     pub fn captured(
@@ -127,35 +149,19 @@ impl ProcRec {
         args: Vec<String>,
         tty: bool,
         is_init: bool,
-        logs: Logs<'_>,
+        mut logs: Logs<'_>,
         exit_code: Option<i32>,
     ) -> std::io::Result<Arc<ProcRec>> {
-        let Logs {
-            dir: log_dir,
-            limit,
-            append,
-            hold,
-            captured: [early_stdout, early_stderr],
-        } = logs;
         let pid = process.pid();
-        std::fs::create_dir_all(log_dir)?;
-        let log = |name: &str,
-                   pipe: Option<host::OutputPipe>|
-         -> std::io::Result<Option<Arc<OutputLog>>> {
-            let path = super::output::log_path(log_dir, pid, name);
-            Ok(match pipe {
-                Some(pipe) => Some(OutputLog::capture(&path, pipe, append, limit, hold)?),
-                None if append && path.exists() => Some(OutputLog::existing(&path)),
-                None => None,
-            })
-        };
+        std::fs::create_dir_all(logs.dir)?;
+        let [early_stdout, early_stderr] = std::mem::take(&mut logs.captured);
         let stdout = match early_stdout {
             Some(l) => Some(l),
-            None => log("stdout", process.take_stdout())?,
+            None => logs.open(pid, "stdout", process.take_stdout())?,
         };
         let stderr = match early_stderr {
             Some(l) => Some(l),
-            None => log("stderr", process.take_stderr())?,
+            None => logs.open(pid, "stderr", process.take_stderr())?,
         };
         let stdin = process.take_stdin();
         let stdin_state = stdin.as_ref().and_then(|s| s.state_handle());
