@@ -121,12 +121,12 @@ async fn raw(img: &image::Image, work: &Path, mib: u32, dirty: bool, runs: usize
         let t = Instant::now();
         dst.start_incoming(&plan, &addr).await.expect("incoming");
         let transfer = Instant::now();
-        let (out, inc) = tokio::join!(
+        // Either side failing ends both (a guest that died leaves the other side waiting).
+        tokio::try_join!(
             src.migrate_out(&plan, &addr, &tx, cancel),
             dst.wait_incoming(&tx)
-        );
-        out.expect("migrate");
-        inc.expect("incoming");
+        )
+        .expect("raw migration");
         dst.resume_incoming().await.expect("resume");
         totals.push(t.elapsed().as_secs_f64() * 1e3);
         transfers.push(transfer.elapsed().as_secs_f64() * 1e3);

@@ -49,6 +49,11 @@ pub struct QemuState {
     pub accel: String,
     pub port_name: String,
     pub qemu: PathBuf,
+    /// The version of the guest's last session hello (0 in older snapshots: unknown), so that
+    /// the next host knows whether it may reset the guest's old session
+    /// (`transport::session_hello`).
+    #[serde(default)]
+    pub session_hello: u8,
 }
 
 fn default_log_limit() -> u64 {

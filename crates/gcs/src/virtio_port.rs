@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use transport::session_hello::ResetFilter;
 use transport::{MuxRole, MuxSession, Transport};
 
 /// Where the kernel lists virtio-serial ports, and where devtmpfs puts their nodes.
@@ -31,6 +32,8 @@ const FAST_LOOK: Duration = Duration::from_millis(5);
 const FAST_LOOK_FOR: Duration = Duration::from_secs(2);
 /// Quiet retries, but say something this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// The smallest read from the port (the multiplexer reads a frame's 12-byte header alone).
+const MIN_READ: usize = 4096;
 /// A port name longer than this is not ours (sysfs gives at most a page).
 const MAX_NAME: usize = 256;
 
@@ -62,10 +65,15 @@ pub fn find_port(sys_dir: &Path, dev_dir: &Path, name: &str) -> io::Result<Optio
     Ok(found.into_iter().next())
 }
 
-/// An open port, as a non-blocking async byte stream.
+/// An open port, as a non-blocking async byte stream, for one session.
 pub struct VirtioPort {
     fd: AsyncFd<OwnedFd>,
     retired: Retirement,
+    /// Drops the resets a host wrote for the session before this one
+    /// ([`transport::session_hello`]).
+    start: ResetFilter,
+    /// What the filter passed that the reader's buffer had no room for yet.
+    carry: Vec<u8>,
 }
 
 /// Ends a port's use by its session for good. The descriptor shares the device with the
@@ -139,6 +147,8 @@ impl VirtioPort {
         Ok(VirtioPort {
             fd,
             retired: Retirement::default(),
+            start: ResetFilter::default(),
+            carry: Vec::new(),
         })
     }
 }
@@ -151,12 +161,9 @@ fn check(n: isize) -> io::Result<usize> {
     }
 }
 
-impl AsyncRead for VirtioPort {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl VirtioPort {
+    /// Reads what the port has, as it comes.
+    fn poll_read_port(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
             // A retired session reads nothing more: the bytes are the next session's.
@@ -181,6 +188,36 @@ impl AsyncRead for VirtioPort {
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 Err(_would_block) => continue,
             }
+        }
+    }
+}
+
+impl AsyncRead for VirtioPort {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.carry.is_empty() {
+                let n = this.carry.len().min(buf.remaining());
+                buf.put_slice(&this.carry[..n]);
+                this.carry.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if this.start.passing() && buf.remaining() >= MIN_READ {
+                return this.poll_read_port(cx, buf);
+            }
+            // Never less than MIN_READ from the port: a reset arrives whole, and a session
+            // that fails on its first bytes leaves none of it for the next one.
+            let mut chunk = [0u8; MIN_READ];
+            let mut chunk = ReadBuf::new(&mut chunk);
+            ready!(this.poll_read_port(cx, &mut chunk))?;
+            if chunk.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            this.carry = this.start.feed(chunk.filled());
         }
     }
 }
@@ -426,6 +463,72 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), guest_session.closed())
             .await
             .expect("the guest's session ends when the host leaves");
+    }
+
+    /// A host that finds the guest's old session still running ends it with a reset; the
+    /// session the guest starts next drops the reset if it reads it first.
+    #[tokio::test]
+    async fn a_reset_ends_an_old_session_and_is_dropped_by_a_new_one() {
+        use transport::session_hello::SESSION_RESET;
+        // An old session, under way (it has read its host's frames): a reset written into
+        // it, as by the next host, ends it at once.
+        let (guest_end, host_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut next_host = host_end.try_clone().unwrap();
+        host_end.set_nonblocking(true).unwrap();
+        let old = MuxSession::new(
+            VirtioPort::new(OwnedFd::from(guest_end)).unwrap(),
+            MuxRole::Server,
+        );
+        let old_host = Transport::mux(MuxSession::new(
+            tokio::net::UnixStream::from_std(host_end).unwrap(),
+            MuxRole::Client,
+        ));
+        let mut listener = guest_listener(&old, 5).await;
+        let (dialed, accepted) =
+            tokio::join!(old_host.dial(5, Duration::from_secs(10)), listener.accept());
+        let (mut d, mut a) = (dialed.unwrap(), accepted.unwrap());
+        d.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        a.read_exact(&mut one).await.unwrap();
+        std::io::Write::write_all(&mut next_host, SESSION_RESET).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), old.closed())
+            .await
+            .expect("the old session ends on a reset");
+
+        // A new session that reads resets first (split across writes) works as usual.
+        let (guest_end, mut host_end) = tokio_pair();
+        let guest = Transport::mux(MuxSession::new(
+            VirtioPort::new(OwnedFd::from(guest_end)).unwrap(),
+            MuxRole::Server,
+        ));
+        host_end.write_all(&SESSION_RESET[..5]).await.unwrap();
+        host_end.flush().await.unwrap();
+        tokio::task::yield_now().await;
+        host_end.write_all(&SESSION_RESET[5..]).await.unwrap();
+        host_end.write_all(SESSION_RESET).await.unwrap();
+        let host = Transport::mux(MuxSession::new(host_end, MuxRole::Client));
+        let mut listener = host.listen(7).await.unwrap();
+        let (dialed, accepted) =
+            tokio::join!(guest.dial(7, Duration::from_secs(10)), listener.accept());
+        let (mut d, mut a) = (dialed.unwrap(), accepted.unwrap());
+        d.write_all(b"after the resets").await.unwrap();
+        d.shutdown().await.unwrap();
+        let mut got = String::new();
+        a.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "after the resets");
+    }
+
+    async fn guest_listener(session: &MuxSession, port: u32) -> transport::Listener {
+        Transport::mux(session.clone()).listen(port).await.unwrap()
+    }
+
+    fn tokio_pair() -> (std::os::unix::net::UnixStream, tokio::net::UnixStream) {
+        let (guest_end, host_end) = std::os::unix::net::UnixStream::pair().unwrap();
+        host_end.set_nonblocking(true).unwrap();
+        (
+            guest_end,
+            tokio::net::UnixStream::from_std(host_end).unwrap(),
+        )
     }
 
     #[test]

@@ -86,6 +86,7 @@ pub fn qemu_state(u: &QemuUvm) -> QemuState {
         accel: u.accel().name().to_owned(),
         port_name: c.port_name.clone(),
         qemu: c.qemu.clone(),
+        session_hello: u.session_hello(),
     }
 }
 

@@ -674,6 +674,10 @@ where
     };
     // Recorded before the guest runs: a crash from here on is restorable like an upgrade.
     snap.uvm.agent_pid = uvm.properties().pid.unwrap_or_default();
+    // What the source knew of the guest's session protocol comes along with the guest.
+    if let Some(q) = &snap.uvm.qemu {
+        uvm.set_session_hello(q.session_hello);
+    }
     snap.uvm.qemu = Some(super::backend::qemu_state(&uvm));
     // The UVM may have lived here before and left: it is back.
     let _ = std::fs::remove_file(paths.dir.join("migrated"));

@@ -184,6 +184,7 @@ pub async fn reattach(
             let mut uvm = QemuUvm::adopt(config, snap.uvm.agent_pid)
                 .await
                 .map_err(|e| e.to_string())?;
+            uvm.set_session_hello(q.session_hello);
             let transport = uvm.reopen_channel().await.map_err(|e| e.to_string())?;
             Found::Qemu(Box::new(uvm), transport)
         }

@@ -365,10 +365,14 @@ impl QemuUvm {
     /// Opens the host's end of the channel to a guest that already runs (resumed after a
     /// migration, or adopted from another host process) once it has started a new session,
     /// for a caller that listens on ports before accepting the agent (a restore). Used
-    /// instead of [`connect_guest`](Self::connect_guest).
+    /// instead of [`connect_guest`](Self::connect_guest). A guest whose session hello was of
+    /// version [`RESET_VERSION`](transport::session_hello::RESET_VERSION) or later (as the
+    /// previous host saw it: [`QemuUvm::set_session_hello`]) has its old session ended with a
+    /// reset rather than a cut.
     pub async fn reopen_channel(&mut self) -> Result<transport::Transport> {
         let until = Instant::now() + self.config.connect_timeout;
-        self.open_channel(until, RECONNECT_PATIENCE).await
+        let reset = self.session_hello >= transport::session_hello::RESET_VERSION;
+        self.open_channel(until, RECONNECT_PATIENCE, reset).await
     }
 
     /// Source: migrates the VM to the destination listening on `address`, reporting on
