@@ -246,7 +246,6 @@ impl QemuUvm {
         &self.config
     }
 
-    /// The accelerator in use (the configured one until QEMU has started).
     /// The version of the guest's last session hello (0: none seen): a snapshot records it,
     /// so that the next host knows whether it may reset the guest's session
     /// ([`reopen_channel`](Self::reopen_channel)).
@@ -260,6 +259,7 @@ impl QemuUvm {
         self.session_hello = version;
     }
 
+    /// The accelerator in use (the configured one until QEMU has started).
     pub fn accel(&self) -> Accel {
         self.accel.unwrap_or(self.config.accel)
     }
@@ -524,8 +524,8 @@ impl QemuUvm {
     ///
     /// With `reset` (the guest's hello is known to be of a version that understands it), the
     /// first connection starts with a session reset, which ends an old session the guest may
-    /// still run without waiting for that session to speak first (~40 ms less blackout after
-    /// a migration under TCG, BENCHMARKS.md); the cuts remain the fallback.
+    /// still run without waiting for that session to speak first (20-40 ms less blackout for
+    /// an idle guest after a migration under TCG, BENCHMARKS.md); the cuts remain the fallback.
     ///
     /// A guest can miss a cut (the port's end and the next connection both reach it before
     /// its agent looks, as a guest just resumed under TCG does), so each cut after the first
