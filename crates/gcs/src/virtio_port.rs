@@ -72,8 +72,10 @@ pub struct VirtioPort {
     /// Drops the resets a host wrote for the session before this one
     /// ([`transport::session_hello`]).
     start: ResetFilter,
-    /// What the filter passed that the reader's buffer had no room for yet.
+    /// What was read from the port (and passed the filter) that the reader's buffer had no
+    /// room for yet: `carry[carry_at..]`.
     carry: Vec<u8>,
+    carry_at: usize,
 }
 
 /// Ends a port's use by its session for good. The descriptor shares the device with the
@@ -149,6 +151,7 @@ impl VirtioPort {
             retired: Retirement::default(),
             start: ResetFilter::default(),
             carry: Vec::new(),
+            carry_at: 0,
         })
     }
 }
@@ -200,10 +203,11 @@ impl AsyncRead for VirtioPort {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            if !this.carry.is_empty() {
-                let n = this.carry.len().min(buf.remaining());
-                buf.put_slice(&this.carry[..n]);
-                this.carry.drain(..n);
+            let carried = &this.carry[this.carry_at..];
+            if !carried.is_empty() {
+                let n = carried.len().min(buf.remaining());
+                buf.put_slice(&carried[..n]);
+                this.carry_at += n;
                 return Poll::Ready(Ok(()));
             }
             if this.start.passing() && buf.remaining() >= MIN_READ {
@@ -217,7 +221,14 @@ impl AsyncRead for VirtioPort {
             if chunk.filled().is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            this.carry = this.start.feed(chunk.filled());
+            this.carry_at = 0;
+            if this.start.passing() {
+                // The common case once a session runs: the buffer is reused.
+                this.carry.clear();
+                this.carry.extend_from_slice(chunk.filled());
+            } else {
+                this.carry = this.start.feed(chunk.filled());
+            }
         }
     }
 }

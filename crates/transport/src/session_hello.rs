@@ -222,15 +222,20 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, BufReader};
 
+    /// Reads a hello with the usual stale grace and ample patience.
+    async fn read<R: AsyncBufRead + Unpin>(r: &mut R) -> Hello {
+        read_hello(r, Duration::from_secs(5), STALE_GRACE)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn finds_the_hello_after_stale_bytes_and_leaves_the_rest() {
         let mut input = b"old session \0FERRY half\0\0\0FERRY-MUX-SESSION-x\n".to_vec();
         input.extend_from_slice(SESSION_HELLO);
         input.extend_from_slice(b"new session");
         let mut r = BufReader::with_capacity(4, &input[..]);
-        let found = read_hello(&mut r, Duration::from_secs(5), STALE_GRACE)
-            .await
-            .unwrap();
+        let found = read(&mut r).await;
         assert_eq!(
             found,
             Hello::Found {
@@ -270,9 +275,7 @@ mod tests {
             .unwrap();
         assert_eq!(got, Hello::Missing { discarded: 0 });
         let mut r = BufReader::new(&b"abc"[..]);
-        let got = read_hello(&mut r, Duration::from_secs(5), STALE_GRACE)
-            .await
-            .unwrap();
+        let got = read(&mut r).await;
         assert_eq!(got, Hello::Closed);
     }
 
@@ -281,9 +284,7 @@ mod tests {
         let (mut guest, host) = tokio::io::duplex(64);
         send_hello(&mut guest).await.unwrap();
         let mut r = BufReader::new(host);
-        let got = read_hello(&mut r, Duration::from_secs(5), STALE_GRACE)
-            .await
-            .unwrap();
+        let got = read(&mut r).await;
         assert_eq!(
             got,
             Hello::Found {
@@ -297,9 +298,7 @@ mod tests {
     async fn a_version_1_hello_is_still_read() {
         let input = b"\0FERRY-MUX-SESSION-1\nrest".to_vec();
         let mut r = BufReader::with_capacity(3, &input[..]);
-        let got = read_hello(&mut r, Duration::from_secs(5), STALE_GRACE)
-            .await
-            .unwrap();
+        let got = read(&mut r).await;
         assert_eq!(
             got,
             Hello::Found {

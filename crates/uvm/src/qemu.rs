@@ -505,10 +505,8 @@ impl QemuUvm {
     /// role), and accepts and negotiates the agent's bridge connection.
     pub(crate) async fn attach_channel(&mut self, patience: Duration) -> Result<GuestConnection> {
         let timeout = self.config.connect_timeout;
-        // A host that had the guest before (a reconnect) may end its old session at once.
-        let reset = self.session_hello >= session_hello::RESET_VERSION;
         let transport = self
-            .open_channel(Instant::now() + timeout, patience, reset)
+            .open_channel(Instant::now() + timeout, patience)
             .await?;
         self.accept_guest(transport, timeout, |_| {}).await
     }
@@ -522,8 +520,9 @@ impl QemuUvm {
     /// the guest may still run the session of the host before (after a migration or a host
     /// restart) and only a cut shows it that session's end.
     ///
-    /// With `reset` (the guest's hello is known to be of a version that understands it), the
-    /// first connection starts with a session reset, which ends an old session the guest may
+    /// When the guest's last hello (seen here, or by the previous host:
+    /// [`set_session_hello`](Self::set_session_hello)) was of a version that understands it,
+    /// the first connection starts with a session reset, which ends an old session the guest may
     /// still run without waiting for that session to speak first (20-40 ms less blackout for
     /// an idle guest after a migration under TCG, BENCHMARKS.md); the cuts remain the fallback.
     ///
@@ -532,13 +531,9 @@ impl QemuUvm {
     /// waits longer for the guest to notice. (Cutting the first connection after a migration
     /// at once, before the old session's first bytes, did not help: the guest missed that
     /// cut every time.)
-    pub async fn open_channel(
-        &mut self,
-        until: Instant,
-        patience: Duration,
-        mut reset: bool,
-    ) -> Result<Transport> {
+    pub async fn open_channel(&mut self, until: Instant, patience: Duration) -> Result<Transport> {
         let mut cut_pause = CUT_PAUSE;
+        let mut reset = self.session_hello >= session_hello::RESET_VERSION;
         loop {
             let mut agent = self.connect_socket(&self.agent_socket(), until).await?;
             let mut stale_grace = session_hello::STALE_GRACE;

@@ -371,8 +371,7 @@ impl QemuUvm {
     /// reset rather than a cut.
     pub async fn reopen_channel(&mut self) -> Result<transport::Transport> {
         let until = Instant::now() + self.config.connect_timeout;
-        let reset = self.session_hello >= transport::session_hello::RESET_VERSION;
-        self.open_channel(until, RECONNECT_PATIENCE, reset).await
+        self.open_channel(until, RECONNECT_PATIENCE).await
     }
 
     /// Source: migrates the VM to the destination listening on `address`, reporting on
