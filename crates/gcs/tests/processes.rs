@@ -298,3 +298,39 @@ async fn isolated_agent_is_pid_1_of_its_own_namespaces_and_takes_its_processes_d
     read_all(&mut out).await;
     conn.wait_closed().await;
 }
+
+/// Field 19 of /proc/<pid>/stat: the nice value (the command name, field 2, may hold spaces).
+fn nice_of(pid: &str) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    after_comm.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_agent_runs_above_its_workloads_priority() {
+    if skip_unless_root("the_agent_runs_above_its_workloads_priority") {
+        return;
+    }
+    let own = nice_of("self");
+    let mut gcs = Gcs::start_with("nice", &["--agent-nice=-5"]).await;
+    let conn = gcs.connect().await;
+    assert_eq!(
+        nice_of(&gcs.pid().to_string()),
+        -5,
+        "the agent's own priority"
+    );
+    let (pid, mut io) = gcs
+        .exec_uvm(
+            &conn,
+            &["sh", "-c", "cut -d ')' -f 2 /proc/self/stat"],
+            (false, true, false),
+        )
+        .await;
+    let out = String::from_utf8(read_all(io.stdout.as_mut().unwrap()).await).unwrap();
+    let workload: i32 = out.split(' ').nth(17).unwrap().trim().parse().unwrap();
+    assert_eq!(
+        workload, own,
+        "a workload runs at the priority the agent was started with"
+    );
+    assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
+}

@@ -109,11 +109,12 @@ pub enum Stage {
     Uid,
     Chdir,
     Exec,
+    Priority,
 }
 
 impl Stage {
     fn from_u32(v: u32) -> &'static str {
-        const NAMES: [&str; 19] = [
+        const NAMES: [&str; 20] = [
             "setsid",
             "unshare namespaces",
             "make mounts private",
@@ -133,6 +134,7 @@ impl Stage {
             "set uid",
             "change directory",
             "exec",
+            "restore the scheduling priority",
         ];
         NAMES
             .get((v as usize).wrapping_sub(1))
@@ -209,6 +211,27 @@ impl Spawner {
             .map_err(|_| SpawnError::SpawnerGone)?;
         reply_rx.recv().map_err(|_| SpawnError::SpawnerGone)?
     }
+}
+
+/// The nice value the agent's children get back: the agent's own before
+/// [`raise_agent_priority`] (`i32::MIN`: it was never changed, children inherit as usual).
+static WORKLOAD_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
+
+/// Runs the calling thread (and the threads it starts later: call it before any) at nice
+/// value `nice`; the processes spawned afterwards go back to the nice value the agent had,
+/// which this returns. Lowering a nice value needs CAP_SYS_NICE.
+pub fn raise_agent_priority(nice: i32) -> std::io::Result<i32> {
+    // -1 is a valid answer: only errno tells a failure.
+    nix::errno::Errno::clear();
+    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if own == -1 && errno() != nix::errno::Errno::UnknownErrno {
+        return Err(std::io::Error::last_os_error());
+    }
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    WORKLOAD_NICE.store(own, std::sync::atomic::Ordering::Relaxed);
+    Ok(own)
 }
 
 fn errno() -> nix::errno::Errno {
@@ -351,6 +374,15 @@ unsafe fn child(spec: &SpawnSpec, args: &ExecArgs, err_fd: RawFd) -> ! {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
 
         check!(err_fd, Stage::Setsid, libc::setsid());
+        // Workloads do not share the agent's raised priority.
+        let nice = WORKLOAD_NICE.load(std::sync::atomic::Ordering::Relaxed);
+        if nice != i32::MIN {
+            check!(
+                err_fd,
+                Stage::Priority,
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice)
+            );
+        }
 
         match &spec.namespaces {
             Namespaces::Agent => {}
