@@ -270,6 +270,9 @@ async fn migrate_out(
             .and_then(|r| r.map_err(|e| e.to_string())),
         Err(e) => Err(e),
     };
+    // The guest runs on the destination from here: the end of the migration's total, as in
+    // raw QEMU's; quitting this side's QEMU below is not part of it.
+    let running = started.elapsed();
     match answer {
         Ok(r) if r.ok => {
             failpoint::hold(&shim.paths.dir, failpoint::SOURCE_AFTER_SWITCHOVER).await;
@@ -282,11 +285,11 @@ async fn migrate_out(
             Ok(json!({
                 "migrated": shim.name,
                 "to": to,
-                "total_ms": started.elapsed().as_millis() as u64,
+                "total_ms": running.as_millis() as u64,
                 // Asking the destination to get ready (QEMU started there, listening)...
                 "prepare_ms": prepared.as_millis() as u64,
                 // ...and from the first byte of memory to the guest running there.
-                "transfer_ms": (started.elapsed() - prepared).as_millis() as u64,
+                "transfer_ms": (running - prepared).as_millis() as u64,
                 "destination": r.data,
             }))
         }
