@@ -14,7 +14,7 @@
 //! memory: the destination's QEMU start excluded), QEMU's downtime, and ferry's added
 //! blackout: from the guest resuming on the destination to the first byte of a container's
 //! output reaching the destination host (a counter printing every 10 ms), over
-//! `FERRY_BENCH_RUNS` (8; made even) migrations each: means of the times (see [`stats`]),
+//! `FERRY_BENCH_RUNS` (16; made even) migrations each: means of the times (see [`stats`]),
 //! medians of the downtime and the blackout.
 //!
 //! Run: `cargo bench -p ferry --bench migrate` (needs qemu-system-x86_64 and apt for the
@@ -376,7 +376,7 @@ fn main() {
     let runs: usize = std::env::var("FERRY_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8usize)
+        .unwrap_or(16usize)
         // Even: see `stats`.
         .next_multiple_of(2);
     let base = std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "/tmp".into());
