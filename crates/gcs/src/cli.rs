@@ -109,8 +109,10 @@ pub struct Args {
 }
 
 /// The agent's nice value as a VM's init: the VM's workloads share its one or two vCPUs with
-/// it, and after a migration under TCG a container copying memory in a loop kept the agent
-/// from restarting its session for 50 ms more than an idle guest took.
+/// it, and what the guest does after a migration before output flows again is the agent's
+/// work. Under TCG this halved ferry's added blackout with a container copying memory in a
+/// loop (198 -> 104 ms) and took a third off an idle guest's (BENCHMARKS.md); -20 did no
+/// better.
 const INIT_AGENT_NICE: i32 = -10;
 
 fn init_logging(args: &Args) -> std::io::Result<()> {
