@@ -101,19 +101,20 @@ pub struct Args {
     /// Hostname inside the namespaces (--isolate) or of the VM (--init).
     #[arg(long, default_value = "ferry-uvm")]
     pub hostname: String,
-    /// Run the agent itself at this nice value (-20 to 19); the processes it starts keep the
-    /// priority it had before. A busy workload then cannot starve the agent's relays and its
-    /// reconnect after a migration. [default: -10 with --init, unchanged otherwise]
+    /// For a while after its host changed (a new session on the virtio-serial port: a live
+    /// migration, a restore), run the agent at this nice value (-20 to 19), above a busy
+    /// workload: what it does then decides how long output stays stopped. Otherwise it runs
+    /// at the priority it was started with, as the processes it starts do.
+    /// [default: -10 with --init, off otherwise]
     #[arg(long, allow_hyphen_values = true, value_parser = clap::value_parser!(i32).range(-20..=19))]
-    pub agent_nice: Option<i32>,
+    pub reconnect_nice: Option<i32>,
 }
 
-/// The agent's nice value as a VM's init: the VM's workloads share its one or two vCPUs with
-/// it, and what the guest does after a migration before output flows again is the agent's
-/// work. Under TCG this halved ferry's added blackout with a container copying memory in a
-/// loop (198 -> 104 ms) and took a third off an idle guest's (BENCHMARKS.md); -20 did no
-/// better.
-const INIT_AGENT_NICE: i32 = -10;
+/// The agent's nice value after its host changed, as a VM's init: the VM's workloads share
+/// its one or two vCPUs with it. Under TCG this halved ferry's added blackout with a
+/// container copying memory in a loop (198 -> 104 ms) and took a third off an idle guest's;
+/// -20 did no better (BENCHMARKS.md).
+const INIT_RECONNECT_NICE: i32 = -10;
 
 fn init_logging(args: &Args) -> std::io::Result<()> {
     use tracing_subscriber::EnvFilter;
@@ -171,18 +172,24 @@ pub fn main(args: Args) -> std::process::ExitCode {
             crate::init::power_off();
         }
     }
-    // Before any thread exists: a nice value is per thread and new threads inherit it.
-    let nice = args.agent_nice.or(as_init.then_some(INIT_AGENT_NICE));
+    // On the thread that becomes the runtime's, before any other exists: a nice value is per
+    // thread, and new threads inherit their creator's.
+    let nice = args
+        .reconnect_nice
+        .or(as_init.then_some(INIT_RECONNECT_NICE));
     if let Some(nice) = nice {
-        match crate::process::spawn::raise_agent_priority(nice) {
-            Ok(workloads) => tracing::info!(nice, workloads, "agent priority set"),
-            Err(e) => {
-                tracing::warn!(nice, error = %e, "cannot set the agent's priority; it runs at its own")
-            }
+        match crate::priority::install(nice) {
+            Ok(own) => tracing::info!(own, after_host_change = nice, "agent priority"),
+            Err(e) => tracing::warn!(
+                nice,
+                error = %e,
+                "cannot raise the agent's priority after a host change; it keeps its own"
+            ),
         }
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_start(crate::priority::thread_started)
         .build()
     {
         Ok(rt) => rt,

@@ -77,6 +77,8 @@ pub async fn serve(agent: Arc<Agent>) {
         let _ = stop_tx.send(true);
         let _ = writer_task.await;
         tracing::info!(connection = generation, %reason, "bridge connection ended");
+        // The next host (a restarted one, or a migration's destination) is coming.
+        crate::priority::host_changed();
     }
 }
 

@@ -14,6 +14,7 @@ pub mod handlers;
 pub mod init;
 pub mod isolate;
 pub mod outbox;
+pub mod priority;
 pub mod process;
 pub mod virtio_port;
 

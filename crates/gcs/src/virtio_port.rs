@@ -362,6 +362,8 @@ async fn supervise(name: String, tx: watch::Sender<Option<MuxSession>>) {
         tx.send_replace(None);
         // Before the next session's hello: nothing of this one may follow it.
         retirement.retire();
+        // A new host is coming (a migration, a restore): be quick about it.
+        crate::priority::host_changed();
         tracing::info!(port = %name, session = generation, "host gone (end of port); waiting for the next host");
         drop(session);
     }

@@ -306,19 +306,37 @@ fn nice_of(pid: &str) -> i32 {
     after_comm.split(' ').nth(16).unwrap().parse().unwrap()
 }
 
+/// Polls (bounded) until the agent's nice value is `want`.
+async fn agent_nice_becomes(pid: &str, want: i32, what: &str) {
+    let t = std::time::Instant::now();
+    while nice_of(pid) != want {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{what}: the agent's nice value stayed {} (want {want})",
+            nice_of(pid)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test]
-async fn the_agent_runs_above_its_workloads_priority() {
-    if skip_unless_root("the_agent_runs_above_its_workloads_priority") {
+async fn the_agent_is_raised_above_its_workloads_only_after_its_host_changed() {
+    if skip_unless_root("the_agent_is_raised_above_its_workloads_only_after_its_host_changed") {
         return;
     }
     let own = nice_of("self");
-    let mut gcs = Gcs::start_with("nice", &["--agent-nice=-5"]).await;
+    let mut gcs = Gcs::start_with("nice", &["--reconnect-nice=-5"]).await;
+    let agent = gcs.pid().to_string();
     let conn = gcs.connect().await;
     assert_eq!(
-        nice_of(&gcs.pid().to_string()),
-        -5,
-        "the agent's own priority"
+        nice_of(&agent),
+        own,
+        "at its own priority while its host stays"
     );
+    // The host goes away: the agent, dialling the next one, is raised for a while.
+    drop(conn);
+    agent_nice_becomes(&agent, -5, "after the host left").await;
+    let conn = gcs.connect().await;
     let (pid, mut io) = gcs
         .exec_uvm(
             &conn,
@@ -330,7 +348,8 @@ async fn the_agent_runs_above_its_workloads_priority() {
     let workload: i32 = out.split(' ').nth(17).unwrap().trim().parse().unwrap();
     assert_eq!(
         workload, own,
-        "a workload runs at the priority the agent was started with"
+        "a workload runs at the agent's own priority, raised or not"
     );
     assert_eq!(wait_exit(&conn, UVM, pid).await, 0);
+    agent_nice_becomes(&agent, own, "once the raise was over").await;
 }

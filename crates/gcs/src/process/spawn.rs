@@ -213,27 +213,6 @@ impl Spawner {
     }
 }
 
-/// The nice value the agent's children get back: the agent's own before
-/// [`raise_agent_priority`] (`i32::MIN`: it was never changed, children inherit as usual).
-static WORKLOAD_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(i32::MIN);
-
-/// Runs the calling thread (and the threads it starts later: call it before any) at nice
-/// value `nice`; the processes spawned afterwards go back to the nice value the agent had,
-/// which this returns. Lowering a nice value needs CAP_SYS_NICE.
-pub fn raise_agent_priority(nice: i32) -> std::io::Result<i32> {
-    // -1 is a valid answer: only errno tells a failure.
-    nix::errno::Errno::clear();
-    let own = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if own == -1 && errno() != nix::errno::Errno::UnknownErrno {
-        return Err(std::io::Error::last_os_error());
-    }
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    WORKLOAD_NICE.store(own, std::sync::atomic::Ordering::Relaxed);
-    Ok(own)
-}
-
 fn errno() -> nix::errno::Errno {
     nix::errno::Errno::last()
 }
@@ -375,8 +354,7 @@ unsafe fn child(spec: &SpawnSpec, args: &ExecArgs, err_fd: RawFd) -> ! {
 
         check!(err_fd, Stage::Setsid, libc::setsid());
         // Workloads do not share the agent's raised priority.
-        let nice = WORKLOAD_NICE.load(std::sync::atomic::Ordering::Relaxed);
-        if nice != i32::MIN {
+        if let Some(nice) = crate::priority::workload_nice() {
             check!(
                 err_fd,
                 Stage::Priority,
