@@ -321,8 +321,10 @@ fn the_source_shim_is_killed_after_the_switchover() {
     }
     let hosts = TwoHosts::new(&guest_image::cache());
     let dest = counter_and_receiver(&hosts, "source-after-switchover", "");
-    let m = start_migrate(&hosts, &dest, &[]);
+    // Asked before the migration starts: inspecting the UVM waits for the VM, which the
+    // migration holds until the failpoint is released below.
     let source_shim = shim_pid(&hosts.a);
+    let m = start_migrate(&hosts, &dest, &[]);
     at_failpoint(&hosts.a, "source-after-switchover", || {
         kill_pid(source_shim)
     });

@@ -101,8 +101,8 @@ pub struct Args {
     /// Hostname inside the namespaces (--isolate) or of the VM (--init).
     #[arg(long, default_value = "ferry-uvm")]
     pub hostname: String,
-    /// For a while after its host changed (a new session on the virtio-serial port: a live
-    /// migration, a restore), run the agent at this nice value (-20 to 19), above a busy
+    /// For 2 s after its host changed (its channel's session or its bridge connection ended: a
+    /// live migration, a restore), run the agent at this nice value (-20 to 19), above a busy
     /// workload: what it does then decides how long output stays stopped. Otherwise it runs
     /// at the priority it was started with, as the processes it starts do.
     /// [default: -10 with --init, off otherwise]
