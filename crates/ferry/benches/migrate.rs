@@ -113,14 +113,15 @@ struct Raw {
 }
 
 impl Raw {
-    fn config(&self, n: usize) -> QemuConfig {
+    /// The configuration of its `n`th QEMU (0: the first, booted; then one per move).
+    fn config(img: &image::Image, work: &Path, mib: u32, n: usize) -> QemuConfig {
         let mut c = QemuConfig::new(
             "raw",
-            self.work.join(format!("raw{n}")),
-            self.img.vmlinux.clone(),
-            self.img.initramfs.clone(),
+            work.join(format!("raw{n}")),
+            img.vmlinux.clone(),
+            img.initramfs.clone(),
         );
-        c.memory_mib = self.mib;
+        c.memory_mib = mib;
         c
     }
 
@@ -130,7 +131,7 @@ impl Raw {
             work: work.to_path_buf(),
             img: img.clone(),
             mib,
-            vm: QemuUvm::new(QemuConfig::new("raw", work.into(), "".into(), "".into())),
+            vm: QemuUvm::new(Raw::config(img, work, mib, 0)),
             moves: 0,
             _conn: None,
             _counter: None,
@@ -139,7 +140,6 @@ impl Raw {
             transfers: Vec::new(),
             downtimes: Vec::new(),
         };
-        raw.vm = QemuUvm::new(raw.config(0));
         let conn = uvm::UtilityVm::start(&mut raw.vm).await.expect("boot");
         let uvm_c = host::Container::uvm(&conn);
         let quiet = |s: &str| bridge::message::ProcessParameters {
@@ -182,7 +182,7 @@ impl Raw {
         tokio::time::sleep(SETTLE).await;
         self.moves += 1;
         let n = self.moves;
-        let mut dst = QemuUvm::new(self.config(n));
+        let mut dst = QemuUvm::new(Raw::config(&self.img, &self.work, self.mib, n));
         let addr = MemoryAddress::unix(self.work.join(format!("raw{n}/mem.sock"))).unwrap();
         std::fs::create_dir_all(self.work.join(format!("raw{n}"))).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<MigrationEvent>();

@@ -8,7 +8,6 @@
 //! agent preempted it at every line). Measured: BENCHMARKS.md, "Agent priority".
 
 use std::io;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::time::{Duration, Instant};
 
@@ -16,16 +15,11 @@ use tokio::time::{Duration, Instant};
 /// ~100-300 ms under TCG; a longer raise costs little (it happens once per move).
 pub const RAISED_FOR: Duration = Duration::from_secs(2);
 
-/// Not set: the processes the agent starts inherit what the forking thread has.
-const UNSET: i32 = i32::MIN;
-
-/// The nice value of every process the agent starts (read in the forked child, so an atomic).
-static WORKLOAD_NICE: AtomicI32 = AtomicI32::new(UNSET);
-
-/// The nice value the agent's processes get, if the agent manages priorities.
+/// The nice value the agent's processes get, if the agent manages priorities ([`install`]):
+/// its own. Read in the forked child, where only async-signal-safe work is allowed: a
+/// `OnceLock`'s `get` is an atomic load.
 pub fn workload_nice() -> Option<i32> {
-    let n = WORKLOAD_NICE.load(Ordering::Relaxed);
-    (n != UNSET).then_some(n)
+    RAISER.get().map(|r| r.base)
 }
 
 fn nice_of(tid: libc::pid_t) -> io::Result<i32> {
@@ -122,7 +116,6 @@ static RAISER: OnceLock<Arc<Raiser>> = OnceLock::new();
 pub fn install(raised: i32) -> io::Result<i32> {
     let raiser = Raiser::for_this_thread(raised)?;
     let base = raiser.base();
-    WORKLOAD_NICE.store(base, Ordering::Relaxed);
     let _ = RAISER.set(raiser);
     Ok(base)
 }
