@@ -31,6 +31,7 @@ fn is_zero(n: &u32) -> bool {
 
 #[cfg(test)]
 pub(crate) mod strategies {
+    use oci_spec::runtime::{Process as OciProcess, Root as OciRoot, Spec as OciSpec};
     use proptest::prelude::*;
     use serde_json::Value;
 
@@ -63,6 +64,79 @@ pub(crate) mod strategies {
     pub fn object() -> impl Strategy<Value = Value> {
         prop::collection::btree_map("[a-zA-Z]{1,6}", json(), 0..4)
             .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    /// An OCI process: the crate's full default (capabilities, rlimits, no-new-privileges) or a
+    /// bare one, with generated args, env, cwd, terminal and user. Built with setters rather
+    /// than parsed from JSON, so that a field the codec drops shows up as a difference.
+    pub fn oci_process() -> impl Strategy<Value = OciProcess> {
+        (
+            any::<bool>(),
+            prop::collection::vec(".{0,8}", 1..4),
+            proptest::option::of(prop::collection::vec("[A-Z]{1,4}=[ -~]{0,6}", 0..3)),
+            "/[ -~]{0,8}",
+            proptest::option::of(any::<bool>()),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                proptest::option::of("[a-z]{1,8}"),
+            ),
+        )
+            .prop_map(|(bare, args, env, cwd, terminal, (uid, gid, username))| {
+                let mut p = OciProcess::default();
+                if bare {
+                    p.set_capabilities(None)
+                        .set_rlimits(None)
+                        .set_no_new_privileges(None);
+                }
+                p.set_args(Some(args))
+                    .set_env(env)
+                    .set_cwd(cwd.into())
+                    .set_terminal(terminal);
+                p.user_mut()
+                    .set_uid(uid)
+                    .set_gid(gid)
+                    .set_username(username);
+                p
+            })
+    }
+
+    /// An OCI spec: the crate's default (mounts, Linux namespaces, masked paths...) or one without
+    /// mounts and Linux section, with generated version, hostname, root, process, annotations.
+    pub fn oci_spec() -> impl Strategy<Value = OciSpec> {
+        (
+            any::<bool>(),
+            "1\\.[0-2]\\.[0-9]",
+            proptest::option::of("[a-z][a-z0-9-]{0,8}"),
+            proptest::option::of(("[ -~]{1,8}", proptest::option::of(any::<bool>()))),
+            proptest::option::of(oci_process()),
+            proptest::option::of(prop::collection::hash_map("[a-z.]{1,8}", ".{0,6}", 0..3)),
+        )
+            .prop_map(|(bare, version, hostname, root, process, annotations)| {
+                let mut s = OciSpec::default();
+                if bare {
+                    s.set_mounts(None).set_linux(None);
+                }
+                let root = root.map(|(path, readonly)| {
+                    let mut r = OciRoot::default();
+                    r.set_path(path.into()).set_readonly(readonly);
+                    r
+                });
+                s.set_version(version)
+                    .set_hostname(hostname)
+                    .set_root(root)
+                    .set_process(process)
+                    .set_annotations(annotations);
+                s
+            })
+    }
+
+    pub fn opt_oci_spec() -> impl Strategy<Value = Option<Box<OciSpec>>> {
+        proptest::option::of(oci_spec().prop_map(Box::new))
+    }
+
+    pub fn opt_oci_process() -> impl Strategy<Value = Option<Box<OciProcess>>> {
+        proptest::option::of(oci_process().prop_map(Box::new))
     }
 }
 
@@ -126,16 +200,20 @@ pub struct ErrorRecord {
 }
 
 /// Fields every response carries.
+///
+/// In the order hcsshim's Linux GCS writes them (`MessageResponseBase`: `ActivityId` before
+/// `ErrorMessage`; the host's decoding struct has them the other way round, which no decoder
+/// minds), so that an error answer from ferry-gcs matches the Linux GCS's byte for byte.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(Arbitrary))]
 #[serde(rename_all = "PascalCase")]
 pub struct ResponseBase {
     /// An HRESULT; see [`crate::hresult`].
     pub result: i32,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error_message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activity_id: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_message: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub error_records: Vec<ErrorRecord>,
 }
@@ -219,7 +297,7 @@ pub struct ContainerConfig {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub oci_bundle_path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(test, proptest(value = "None"))]
+    #[cfg_attr(test, proptest(strategy = "strategies::opt_oci_spec()"))]
     pub oci_specification: Option<Box<OciSpec>>,
     #[serde(default)]
     pub scratch_dir_path: String,
@@ -273,10 +351,10 @@ pub struct ProcessParameters {
     )]
     pub create_in_utility_vm: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(test, proptest(value = "None"))]
+    #[cfg_attr(test, proptest(strategy = "strategies::opt_oci_spec()"))]
     pub oci_specification: Option<Box<OciSpec>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(test, proptest(value = "None"))]
+    #[cfg_attr(test, proptest(strategy = "strategies::opt_oci_process()"))]
     pub oci_process: Option<Box<OciProcess>>,
     /// ferry extension: carry this process's stdio as resumable streams (offsets, acks,
     /// re-dial after a break), when the guest announced `FerryResumableStdio`. A plain hcsshim
@@ -794,6 +872,10 @@ mod tests {
         exec_resp: ExecuteProcessResponse => |p| Message::Response(Response::ExecuteProcess(p));
         wait_resp: WaitForProcessResponse => |p| Message::Response(Response::WaitForProcess(p));
         signal_resp: BaseResponse => |p| Message::Response(Response::SignalProcess(p));
+        resize_resp: BaseResponse => |p| Message::Response(Response::ResizeConsole(p));
+        modify_resp: BaseResponse => |p| Message::Response(Response::ModifySettings(p));
+        update_resp: BaseResponse => |p| Message::Response(Response::UpdateContainer(p));
+        lifecycle_resp: BaseResponse => |p| Message::Response(Response::LifecycleNotification(p));
         props_resp: GetPropertiesResponse => |p| Message::Response(Response::GetProperties(p));
         dump_resp: DumpStacksResponse => |p| Message::Response(Response::DumpStacks(p));
         notification: ContainerNotification => Message::Notification;

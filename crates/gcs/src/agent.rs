@@ -501,9 +501,12 @@ impl Agent {
         self.notify_exit(&container_id, kind, code);
     }
 
-    /// What a WaitForProcess for `pid` waits on.
-    pub fn wait_target(&self, pid: u32) -> Result<WaitTarget> {
+    /// What a WaitForProcess for `pid` in `container_id` waits on.
+    pub fn wait_target(&self, container_id: &str, pid: u32) -> Result<WaitTarget> {
+        validate(container_id)?;
         let state = self.state();
+        // As hcsshim's GCS: an unknown container is the error, whatever the pid.
+        Self::check_container(&state, container_id)?;
         if let Some(p) = state.processes.get(&pid) {
             return Ok(WaitTarget::Pending(p.exit.subscribe()));
         }

@@ -36,6 +36,14 @@ Examples:
   Inside a VM with virtio-vsock (the host is CID 2):
     ferry-gcs --transport vsock
 
+  Inside a VM whose QEMU has a virtio-serial port named ferry.0, e.g.
+    -device virtio-serial-pci,id=vser0
+    -chardev socket,id=agent,path=/tmp/agent.sock,server=on,wait=off
+    -device virtserialport,bus=vser0.0,chardev=agent,name=ferry.0
+  (the host, e.g. ferry's QEMU backend, connects to /tmp/agent.sock and runs ferry's
+  multiplexer over it: yamux, each stream opened with the port it is for):
+    ferry-gcs --transport virtio-serial --port-name ferry.0 --state-dir /run/ferry-gcs
+
   As the init of a ferry VM image (/init in its initramfs; the kernel command line passes
   the arguments after `--`):
     qemu-system-x86_64 ... -append 'console=ttyS0 -- --init --port-name ferry.0'
@@ -260,6 +268,24 @@ pub fn raise_fd_limit() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` is how people start the agent outside a VM: it must show a working command
+    /// line for every transport.
+    #[test]
+    fn help_shows_a_standalone_start_for_every_transport() {
+        let help = Args::command().render_long_help().to_string();
+        for kind in TransportKind::value_variants() {
+            let name = kind.to_possible_value().unwrap();
+            let line = format!("ferry-gcs --transport {}", name.get_name());
+            assert!(help.contains(&line), "--help lacks `{line}`:\n{help}");
         }
     }
 }

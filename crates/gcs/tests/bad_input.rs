@@ -147,26 +147,105 @@ async fn undersized_frame_closes_the_connection_and_the_agent_reconnects() {
 
 #[tokio::test]
 async fn half_written_frame_then_close() {
-    let mut gcs = Gcs::start("half").await;
+    // The test reads the agent's log.
+    let mut gcs = Gcs::start_with("half", &["--log-level=debug"]).await;
     let conn = gcs.connect().await;
-    let bytes = wait_req(UVM, 1, 0)
+    // Half of an exec: had the agent acted on a partial frame, a file would appear.
+    let marker = gcs.dir.0.join("ran");
+    let params = ProcessParameters {
+        command_args: vec!["touch".into(), marker.to_str().unwrap().into()],
+        ..Default::default()
+    };
+    let bytes = exec_req(UVM, params, StdioPorts::default())
         .to_frame(conn.alloc_id())
         .unwrap()
         .encode(65536)
         .unwrap();
-    conn.send_bytes(&bytes[..bytes.len() / 2]).await.unwrap();
+    let half = bytes.len() / 2;
+    conn.send_bytes(&bytes[..half]).await.unwrap();
     drop(conn);
     let conn = gcs.connect().await;
+    // The agent logged the old connection's end (before it dialled again) and why.
+    let why = format!(
+        "connection closed in the middle of a frame ({half} of {} bytes read)",
+        bytes.len()
+    );
+    assert!(gcs.log().contains(&why), "the log lacks {why:?}");
     still_serving(&gcs, &conn).await;
+    assert!(!marker.exists(), "a half-written request was executed");
+    assert!(conn.strays.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_answer_over_the_frame_limit_becomes_an_error_and_the_agent_goes_on() {
+    const LIMIT: u32 = 1024;
+    let mut gcs = Gcs::start_with("bigout", &[&format!("--max-frame-size={LIMIT}")]).await;
+    let conn = gcs.connect().await;
+    let list = || {
+        conn.call(Request::GetProperties(GetPropertiesRequest {
+            base: base(UVM),
+            query: bridge::JsonString(PropertyQuery {
+                property_types: vec!["ProcessList".into()],
+            }),
+        }))
+    };
+    // Each process adds its command line to the list; start them until the answer no longer
+    // fits (the padding, $0 of the script, makes a few enough).
+    let pad = "p".repeat(150);
+    let mut pids = Vec::new();
+    let refused = loop {
+        assert!(pids.len() < 20, "20 processes still fit in {LIMIT} bytes");
+        let (pid, _) = gcs
+            .exec_uvm(
+                &conn,
+                &["sh", "-c", "exec sleep 1000", &pad],
+                (false, false, false),
+            )
+            .await;
+        pids.push(pid);
+        let r = list().await;
+        if r.base().result != 0 {
+            break r;
+        }
+        let Response::GetProperties(p) = r else {
+            panic!()
+        };
+        assert_eq!(p.properties.0.process_list.len(), pids.len());
+    };
+    assert!(pids.len() > 1, "even one process did not fit");
+    expect_code(
+        &refused,
+        hresult::E_FAIL,
+        &format!("over the limit of {LIMIT}"),
+    );
+    // The connection and the agent go on; once the list is short again it is answered.
+    still_serving(&gcs, &conn).await;
+    for &pid in &pids[1..] {
+        ok(&conn.call(signal_req(UVM, pid, 9)).await);
+        assert_eq!(wait_exit(&conn, UVM, pid).await, 137);
+    }
+    let r = list().await;
+    ok(&r);
+    let Response::GetProperties(p) = r else {
+        panic!()
+    };
+    let listed: Vec<u32> = p
+        .properties
+        .0
+        .process_list
+        .iter()
+        .map(|d| d.process_id)
+        .collect();
+    assert_eq!(listed, [pids[0]]);
 }
 
 #[tokio::test]
 async fn bad_ids_and_ports() {
     let mut gcs = Gcs::start("ids").await;
     let conn = gcs.connect().await;
+    // As hcsshim's GCS: in an unknown container, the container is what is missing.
     let r = conn.call(wait_req("nosuch", 1, 0)).await;
-    // Wait on an unknown process of an unknown container: the process is what is missing.
-    assert_ne!(r.base().result, 0);
+    expect_code(&r, hresult::VM_SYSTEM_NOT_FOUND, "\"nosuch\"");
     let r = conn.call(signal_req("nosuch", 1, 9)).await;
     expect_code(&r, hresult::VM_SYSTEM_NOT_FOUND, "nosuch");
     for bad in ["../etc", "a/b", "x..y"] {

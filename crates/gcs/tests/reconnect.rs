@@ -8,6 +8,7 @@ mod support;
 use bridge::UVM_CONTAINER_ID as UVM;
 use bridge::message::*;
 use support::*;
+use tokio::io::AsyncReadExt;
 
 /// A shell loop printing 0..n-1, one line per 10 ms, then exiting with `code`.
 fn counter(n: u32, code: u32) -> String {
@@ -18,6 +19,35 @@ fn counter(n: u32, code: u32) -> String {
 /// has dropped the bridge, however slow the machine.
 fn gated(n: u32, code: u32) -> String {
     format!("read go; {}", counter(n, code))
+}
+
+/// A counter printing one line per 10 ms until it gets SIGUSR1, then exiting with `code`: it
+/// is writing when the bridge drops, and ends when the test says, not on a timer.
+fn until_usr1(code: u32) -> String {
+    format!(
+        "trap 'stop=1' USR1; i=0; while [ -z \"$stop\" ]; do echo $i; i=$((i+1)); sleep 0.01; done; exit {code}"
+    )
+}
+
+/// What the agent logs when a bridge dial fails (once per outage, then every 10 s).
+const DIAL_FAILED: &str = "bridge not reachable";
+
+fn line_count(out: &[u8]) -> usize {
+    out.iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Reads from `s` into `out` until it holds at least `n` lines.
+async fn read_lines(s: &mut transport::BoxStream, out: &mut Vec<u8>, n: usize) {
+    let mut buf = [0u8; 4096];
+    while line_count(out) < n {
+        let k = within("counter output", s.read(&mut buf)).await.unwrap();
+        assert!(
+            k > 0,
+            "output ended early: {:?}",
+            String::from_utf8_lossy(out)
+        );
+        out.extend_from_slice(&buf[..k]);
+    }
 }
 
 fn assert_counter(out: &[u8], n: u32) {
@@ -44,14 +74,15 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
     {
         return;
     }
-    let mut gcs = Gcs::start("recon").await;
+    // The test reads the agent's log (its failed dials, its recorded exits).
+    let mut gcs = Gcs::start_with("recon", &["--log-level=debug"]).await;
     let conn = gcs.connect().await;
     let rootfs = busybox_rootfs(&gcs.dir.0);
     ok(&gcs
         .create_container(
             &conn,
             "c",
-            container_spec(&rootfs, &["sh", "-c", &gated(30, 5)], false),
+            container_spec(&rootfs, &["sh", "-c", &until_usr1(5)], false),
         )
         .await);
     let (resp, mut cio) = gcs
@@ -59,11 +90,10 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
             &conn,
             "c",
             ProcessParameters {
-                create_std_in_pipe: true,
                 create_std_out_pipe: true,
                 ..Default::default()
             },
-            (true, true, false),
+            (false, true, false),
         )
         .await;
     ok(&resp);
@@ -72,27 +102,48 @@ async fn exit_while_disconnected_is_reported_after_reconnect() {
     };
     let init = e.process_id;
     let (upid, mut uio) = gcs
-        .exec_uvm(&conn, &["sh", "-c", &gated(30, 6)], (true, true, false))
+        .exec_uvm(&conn, &["sh", "-c", &until_usr1(6)], (false, true, false))
         .await;
+    let (mut cout, mut uout) = (cio.stdout.take().unwrap(), uio.stdout.take().unwrap());
+    let (mut cseen, mut useen) = (Vec::new(), Vec::new());
+    // Both are writing when the bridge goes.
+    read_lines(&mut cout, &mut cseen, 1).await;
+    read_lines(&mut uout, &mut useen, 1).await;
 
-    // Ask for the UVM process's exit, then drop the bridge before it comes.
+    // Ask for the UVM process's exit, then take the host away entirely: its listener too.
     let (wait_id, _) = conn.send(&wait_req(UVM, upid, bridge::INFINITE_WAIT)).await;
-    drop(conn);
-    for io in [&mut cio, &mut uio] {
-        tokio::io::AsyncWriteExt::write_all(io.stdin.as_mut().unwrap(), b"go\n")
-            .await
-            .unwrap();
+    let failures = gcs.log_count(DIAL_FAILED);
+    gcs.close_bridge();
+    conn.close().await;
+    gcs.log_grows(DIAL_FAILED, failures).await;
+
+    // With no bridge at all, output keeps flowing (stdio has its own connections)...
+    let (c_then, u_then) = (line_count(&cseen), line_count(&useen));
+    read_lines(&mut cout, &mut cseen, c_then + 5).await;
+    read_lines(&mut uout, &mut useen, u_then + 5).await;
+    // ...and both processes end, their exits recorded by the agent.
+    for pid in [init, upid] {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGUSR1,
+        )
+        .unwrap();
     }
+    let (crest, urest) = tokio::join!(read_all(&mut cout), read_all(&mut uout));
+    cseen.extend(crest);
+    useen.extend(urest);
+    let n = line_count(&cseen);
+    assert!(n >= c_then + 5);
+    assert_counter(&cseen, n as u32);
+    let n = line_count(&useen);
+    assert!(n >= u_then + 5);
+    assert_counter(&useen, n as u32);
+    gcs.exit_recorded(init).await;
+    gcs.exit_recorded(upid).await;
 
-    // Both processes run to the end while nobody is connected (their stdio is separate).
-    let (cout, uout) = tokio::join!(
-        read_all(cio.stdout.as_mut().unwrap()),
-        read_all(uio.stdout.as_mut().unwrap())
-    );
-    assert_counter(&cout, 30);
-    assert_counter(&uout, 30);
-
-    // A new host connection adopts the outstanding wait id, then negotiates.
+    // The host comes back: the agent, still redialling, reaches it. The new connection adopts
+    // the outstanding wait id, then negotiates.
+    gcs.reopen_bridge().await;
     let conn = gcs.accept().await;
     let adopted = conn.expect(wait_id);
     conn.negotiate().await;
@@ -118,7 +169,7 @@ async fn nothing_flows_before_negotiation() {
         .exec_uvm(&conn, &["sh", "-c", "read l; exit 9"], (true, true, false))
         .await;
     let (wait_id, _) = conn.send(&wait_req(UVM, pid, bridge::INFINITE_WAIT)).await;
-    drop(conn);
+    conn.close().await;
     let mut stdin = io.stdin.take().unwrap();
     tokio::io::AsyncWriteExt::write_all(&mut stdin, b"go\n")
         .await
@@ -142,9 +193,13 @@ async fn nothing_flows_before_negotiation() {
 #[tokio::test]
 async fn fifty_drops_with_several_processes_nothing_leaks() {
     const PROCS: u32 = 4;
-    let mut gcs = Gcs::start("drops").await;
+    // The test reads the agent's log (its failed dials).
+    let mut gcs = Gcs::start_with("drops", &["--log-level=debug"]).await;
 
     async fn cycle(gcs: &mut Gcs, round: u32) {
+        // Every other round the host goes entirely (its listener too), so the agent's dials
+        // fail until it is back; otherwise only the connection breaks.
+        let host_gone = round % 2 == 1;
         let conn = gcs.connect().await;
         let mut running = Vec::new();
         for k in 0..PROCS {
@@ -159,11 +214,28 @@ async fn fifty_drops_with_several_processes_nothing_leaks() {
             running.push((pid, id, code, io));
         }
         // Drop the bridge while they run, then let them finish.
-        drop(conn);
+        let failures = gcs.log_count(DIAL_FAILED);
+        if host_gone {
+            gcs.close_bridge();
+        }
+        conn.close().await;
+        if host_gone {
+            gcs.log_grows(DIAL_FAILED, failures).await;
+        }
         for (_, _, _, io) in running.iter_mut() {
             tokio::io::AsyncWriteExt::write_all(io.stdin.as_mut().unwrap(), b"go\n")
                 .await
                 .unwrap();
+        }
+        for (pid, _, _, io) in running.iter_mut() {
+            assert_counter(&read_all(io.stdout.as_mut().unwrap()).await, 5);
+            if host_gone {
+                // Its exit is recorded while no bridge exists.
+                gcs.exit_recorded(*pid).await;
+            }
+        }
+        if host_gone {
+            gcs.reopen_bridge().await;
         }
         let conn = gcs.accept().await;
         let adopted: Vec<_> = running
@@ -171,20 +243,22 @@ async fn fifty_drops_with_several_processes_nothing_leaks() {
             .map(|(_, id, _, _)| conn.expect(*id))
             .collect();
         conn.negotiate().await;
-        for ((pid, _, code, mut io), rx) in running.into_iter().zip(adopted) {
-            assert_counter(&read_all(io.stdout.as_mut().unwrap()).await, 5);
+        for ((pid, _, code, _), rx) in running.into_iter().zip(adopted) {
             let got = exit_code_of(within("an adopted wait", rx).await.unwrap());
             assert_eq!(got, code, "process {pid}");
         }
-        drop(conn);
+        conn.close().await;
     }
 
     // Warm up (thread pools, the spawner), then measure.
     cycle(&mut gcs, 0).await;
     let before = fds_and_threads(gcs.pid());
+    let outages = gcs.log_count(DIAL_FAILED);
     for round in 1..=50 {
         cycle(&mut gcs, round).await;
     }
+    // Each round that took the host away cost the agent at least one failed dial.
+    assert!(gcs.log_count(DIAL_FAILED) >= outages + 25);
     let conn = gcs.connect().await;
     let (pid, _) = gcs.exec_uvm(&conn, &["true"], (false, false, false)).await;
     assert_eq!(wait_exit(&conn, UVM, pid).await, 0);

@@ -24,7 +24,7 @@ pub async fn handle(agent: Arc<Agent>, generation: u64, id: u64, req: WaitForPro
             });
             agent.respond(scope, id, Rpc::WaitForProcess, &activity, result, delivered);
         };
-    let target = match agent.wait_target(pid) {
+    let target = match agent.wait_target(&req.base.container_id, pid) {
         Ok(t) => t,
         Err(e) => return answer(Scope::Connection(generation), Err(e), None),
     };

@@ -26,6 +26,19 @@ pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T
         .unwrap_or_else(|_| panic!("timed out after {PATIENCE:?} waiting for {what}"))
 }
 
+/// Polls `cond` until it holds, for state that has no signal to wait on (another process's
+/// log, /proc); panics after [`PATIENCE`].
+pub async fn poll_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Prints the loud skip line and returns true when the test cannot run here.
 pub fn skip_unless_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
@@ -238,6 +251,14 @@ impl Conn {
         }
     }
 
+    /// Closes the connection, returning once its socket is closed. Dropping a `Conn` closes
+    /// it only when the runtime next runs its reader task: until then an answer the agent
+    /// writes lands in a buffer nobody reads, and counts as delivered.
+    pub async fn close(mut self) {
+        self.reader.abort();
+        let _ = (&mut self.reader).await;
+    }
+
     pub fn alloc_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -361,7 +382,8 @@ pub fn gcs_binary() -> PathBuf {
 pub struct Gcs {
     pub dir: TempDir,
     pub transport: Transport,
-    bridge: Listener,
+    /// The host's bridge listener; `None` while the test has the bridge down.
+    bridge: Option<Listener>,
     pub child: Child,
     next_port: AtomicU32,
     next_first_id: AtomicU64,
@@ -396,6 +418,15 @@ impl Gcs {
             .listen(BRIDGE_PORT)
             .await
             .expect("listen on bridge port");
+        // A test that reads the log asks for its level itself; otherwise debug, for failures.
+        let level = if extra.iter().any(|a| a.starts_with("--log-level")) {
+            None
+        } else {
+            Some(format!(
+                "--log-level={}",
+                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "debug".into())
+            ))
+        };
         let child = Command::new(gcs_binary())
             .arg("--transport=hybrid-vsock")
             .arg("--base")
@@ -404,10 +435,7 @@ impl Gcs {
             .arg(dir.0.join("state"))
             .arg("--log-file")
             .arg(dir.0.join("gcs.log"))
-            .arg(format!(
-                "--log-level={}",
-                std::env::var("FERRY_TEST_LOG").unwrap_or_else(|_| "debug".into())
-            ))
+            .args(level)
             .args(extra)
             .stdin(Stdio::null())
             .spawn()
@@ -415,7 +443,7 @@ impl Gcs {
         Gcs {
             dir,
             transport,
-            bridge,
+            bridge: Some(bridge),
             child,
             next_port: AtomicU32::new(FIRST_STDIO_PORT),
             next_first_id: AtomicU64::new(0),
@@ -426,9 +454,59 @@ impl Gcs {
         self.child.id()
     }
 
+    /// Takes the bridge down: the listener goes and with it its socket file, so the agent's
+    /// dials fail (as when the host process is gone) instead of queueing unanswered.
+    pub fn close_bridge(&mut self) {
+        assert!(self.bridge.take().is_some(), "the bridge is already closed");
+    }
+
+    /// Listens on the bridge port again after [`Gcs::close_bridge`].
+    pub async fn reopen_bridge(&mut self) {
+        assert!(self.bridge.is_none(), "the bridge is already open");
+        self.bridge = Some(
+            self.transport
+                .listen(BRIDGE_PORT)
+                .await
+                .expect("listen on bridge port again"),
+        );
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("gcs.log")).unwrap_or_default()
+    }
+
+    /// How many lines of the agent's log contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until the agent has logged more than `seen` lines containing `needle`.
+    pub async fn log_grows(&self, needle: &str, seen: usize) {
+        poll_until(&format!("the agent to log {needle:?}"), || {
+            self.log_count(needle) > seen
+        })
+        .await
+    }
+
+    /// Waits until the agent has published the exit of `pid` (its "process exited" line).
+    pub async fn exit_recorded(&self, pid: u32) {
+        let field = format!("pid={pid} ");
+        poll_until(&format!("the agent to record the exit of {pid}"), || {
+            self.log()
+                .lines()
+                .any(|l| l.contains("process exited") && l.contains(&field))
+        })
+        .await
+    }
+
     /// Accepts the agent's next bridge connection (not yet negotiated).
     pub async fn accept(&mut self) -> Conn {
-        let s = within("the agent to dial the bridge", self.bridge.accept())
+        let bridge = self
+            .bridge
+            .as_mut()
+            .expect("the bridge is closed: reopen_bridge() first");
+        let s = within("the agent to dial the bridge", bridge.accept())
             .await
             .expect("accept bridge");
         // Ids keep rising across connections, as a restored host seeds them.
