@@ -235,10 +235,12 @@ fn runs_on(host: &two_hosts::Host, other: &two_hosts::Host) {
 }
 
 /// The pid of the shim serving UVM "m" on `host`.
+fn inspect(host: &two_hosts::Host) -> serde_json::Value {
+    serde_json::from_str(&host.ok(&["uvm", "inspect", "m", "--json"])).unwrap()
+}
+
 fn shim_pid(host: &two_hosts::Host) -> i32 {
-    let info: serde_json::Value =
-        serde_json::from_str(&host.ok(&["uvm", "inspect", "m", "--json"])).unwrap();
-    info["shim_pid"]
+    inspect(host)["shim_pid"]
         .as_i64()
         .expect("inspect gives the shim's pid") as i32
 }
@@ -321,11 +323,26 @@ fn the_source_shim_is_killed_after_the_switchover() {
     }
     let hosts = TwoHosts::new(&guest_image::cache());
     let dest = counter_and_receiver(&hosts, "source-after-switchover", "");
-    // Asked before the migration starts: inspecting the UVM waits for the VM, which the
-    // migration holds until the failpoint is released below.
     let source_shim = shim_pid(&hosts.a);
     let m = start_migrate(&hosts, &dest, &[]);
     at_failpoint(&hosts.a, "source-after-switchover", || {
+        // The migration holds the VM here; inspect answers anyway, and says where it goes.
+        let info = inspect(&hosts.a);
+        assert_eq!(
+            info["shim_pid"].as_i64(),
+            Some(source_shim as i64),
+            "{info}"
+        );
+        assert_eq!(
+            info["migrating"]["to"].as_str(),
+            Some(dest.as_str()),
+            "{info}"
+        );
+        assert!(
+            info["migrating"]["last_event"]["phase"].is_string(),
+            "{info}"
+        );
+        assert!(info["uvm"]["pid"].as_u64().is_some(), "{info}");
         kill_pid(source_shim)
     });
     let (ok, _, err) = finish(m);

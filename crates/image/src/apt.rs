@@ -154,6 +154,9 @@ pub fn download(package: &str, debs: &Path) -> Result<PathBuf, ImageError> {
     if unsafe { libc::geteuid() } == 0 {
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
+    // A mirror or resolver that fails for a moment (seen here: "Temporary failure resolving
+    // deb.debian.org") must not fail a build: apt retries, with its growing delay.
+    cmd.args(["-o", "Acquire::Retries=5"]);
     cmd.args(["download", "-q", &format!("{}={}", info.name, info.version)])
         .current_dir(&tmp);
     tracing::info!(package = %info.name, version = %info.version, "downloading");

@@ -477,7 +477,8 @@ pub struct MigrationEvent {
     pub message: Option<String>,
 }
 
-pub(crate) fn unix_ms_now() -> u64 {
+/// Now, in ms since the epoch (the time base of [`MigrationEvent::unix_ms`]).
+pub fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

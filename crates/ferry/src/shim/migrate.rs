@@ -141,6 +141,15 @@ pub async fn source<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<MigrationEvent>();
+    set_outgoing(
+        &shim,
+        Some(Outgoing {
+            to: to.clone(),
+            started_unix_ms: uvm::migration::unix_ms_now(),
+            uvm: None,
+            last_event: None,
+        }),
+    );
     let (cancel_tx, cancel_rx) = watch::channel(false);
     // The client going away (Ctrl-C) or sending "cancel" cancels before the switch-over.
     let watcher = tokio::spawn(async move {
@@ -149,8 +158,12 @@ pub async fn source<R, W>(
     });
     // Events go out as they come; the sender is only lent to the migration, so the stream
     // ends when it is dropped below, and the writer hands the connection back for the reply.
+    let events_shim = shim.clone();
     let writer = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
+            if let Some(o) = lock_outgoing(&events_shim).as_mut() {
+                o.last_event = Some(ev.clone());
+            }
             // A client gone is no reason to stop: the migration goes on without a listener.
             let _ = control::write_line(&mut client_w, &json!({"event": ev})).await;
         }
@@ -166,6 +179,7 @@ pub async fn source<R, W>(
     };
     let finished = reply.ok && !dry_run;
     drop(tx);
+    set_outgoing(&shim, None);
     if let Ok(mut client_w) = writer.await {
         let _ = control::write_line(&mut client_w, &reply).await;
     }
@@ -173,6 +187,14 @@ pub async fn source<R, W>(
     if finished {
         shim.stop.send_replace(true);
     }
+}
+
+fn lock_outgoing(shim: &Shim) -> std::sync::MutexGuard<'_, Option<Outgoing>> {
+    shim.outgoing.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn set_outgoing(shim: &Shim, o: Option<Outgoing>) {
+    *lock_outgoing(shim) = o;
 }
 
 async fn migrate_out(
@@ -194,6 +216,9 @@ async fn migrate_out(
     let started = Instant::now();
     let spec = {
         let uvm = shim.uvm.lock().await;
+        if let Some(o) = lock_outgoing(shim).as_mut() {
+            o.uvm = Some(uvm.properties());
+        }
         let Backend::Qemu(q) = &*uvm else {
             unreachable!("checked above")
         };
@@ -423,6 +448,20 @@ pub type Received = (restore::Reattached, MigrationReport);
 
 /// What the last incoming migration measured (shown by `ferry uvm inspect`).
 pub type MigrationReport = Arc<std::sync::Mutex<serde_json::Value>>;
+
+/// A migration out of this host, as `ferry uvm inspect` shows it meanwhile. The transfer holds
+/// the UVM, so the UVM's properties are taken when it starts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outgoing {
+    pub to: String,
+    /// ms since the epoch.
+    pub started_unix_ms: u64,
+    /// The UVM as it was when the migration started.
+    #[serde(skip)]
+    pub uvm: Option<uvm::UvmProperties>,
+    /// The last event reported (phase, bytes sent, pass...).
+    pub last_event: Option<MigrationEvent>,
+}
 
 /// Waits on `listener` (and on TCP with `--listen`) for a source to send a UVM, answering
 /// Info and (on the Unix socket only) Stop meanwhile; an attempt that fails leaves nothing

@@ -41,6 +41,9 @@ pub struct Shim {
     pub kind: BackendKind,
     /// What the migration that brought the UVM here measured.
     pub last_migration: Option<migrate::MigrationReport>,
+    /// The migration out of this host under way, if any: what `ferry uvm inspect` shows while
+    /// the transfer holds `uvm`.
+    pub outgoing: Mutex<Option<migrate::Outgoing>>,
     pub containers: Mutex<BTreeMap<String, ContainerRec>>,
     /// Container ids being created right now (so two runs cannot race for one id).
     pub creating: Mutex<HashSet<String>>,
@@ -194,6 +197,7 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
         uvm: tokio::sync::Mutex::new(uvm),
         kind,
         last_migration,
+        outgoing: Mutex::new(None),
         containers: Mutex::new(containers),
         creating: Mutex::new(HashSet::new()),
         stopping: std::sync::atomic::AtomicBool::new(false),

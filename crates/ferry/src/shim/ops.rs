@@ -141,7 +141,21 @@ fn find_proc(shim: &Shim, container: &str, pid: Option<u32>) -> Result<Arc<ProcR
 }
 
 async fn info(shim: &Shim) -> Outcome {
-    let props = shim.uvm.lock().await.properties();
+    let outgoing = shim
+        .outgoing
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    // A migration's transfer holds the UVM for seconds: answer from what it saw at its start
+    // rather than wait (`ferry uvm ls` and monitoring ask this).
+    let props = match (
+        shim.uvm.try_lock(),
+        outgoing.as_ref().and_then(|o| o.uvm.clone()),
+    ) {
+        (Ok(uvm), _) => uvm.properties(),
+        (Err(_), Some(props)) => props,
+        (Err(_), None) => shim.uvm.lock().await.properties(),
+    };
     let containers: Vec<_> = shim
         .containers
         .lock()
@@ -157,6 +171,7 @@ async fn info(shim: &Shim) -> Outcome {
             "guest": {"exit_records": caps.ferry_exit_records, "protocol": 4},
             "containers": containers,
             "last_migration": shim.last_migration.as_ref().map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+            "migrating": outgoing,
         }),
         None,
     ))

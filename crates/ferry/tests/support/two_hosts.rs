@@ -100,6 +100,19 @@ impl TwoHosts {
     /// Makes the namespaces, the link and the state directories; `image_cache` is shared as
     /// both hosts' `images/uvm`.
     pub fn new(image_cache: &Path) -> TwoHosts {
+        // Built here, outside the namespaces: they have no route to Debian's mirror, and the
+        // first `uvm start` in them would otherwise download the kernel.
+        let built = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["image", "build", "--cache-dir"])
+            .arg(image_cache)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferry image build");
+        assert!(
+            built.status.success(),
+            "ferry image build: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
         let n = N.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         // Namespaces and links are machine-wide: names carry the test process's id. Addresses
