@@ -1,6 +1,6 @@
 //! The CLI side of the control protocol.
 
-use crate::control::{self, Reply, Request, tag};
+use crate::control::{self, LogOffsets, Reply, Request, tag};
 use crate::paths::{self, UvmPaths};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -18,31 +18,100 @@ pub async fn request(
     uvm: &str,
     req: &Request,
 ) -> Result<(serde_json::Value, Option<Session>), String> {
-    paths::validate_uvm_name(uvm)?;
+    try_request(root, uvm, req).await.map_err(|e| e.message)
+}
+
+/// Why a request got no answer.
+struct RequestError {
+    message: String,
+    /// No host process serves the UVM right now, or the one there is handing it over: one may
+    /// serve it later.
+    between_hosts: bool,
+}
+
+async fn try_request(
+    root: &Path,
+    uvm: &str,
+    req: &Request,
+) -> Result<(serde_json::Value, Option<Session>), RequestError> {
+    let fail = |message: String, between_hosts: bool| RequestError {
+        message,
+        between_hosts,
+    };
+    paths::validate_uvm_name(uvm).map_err(|e| fail(e, false))?;
     let control = UvmPaths::new(root, uvm).control();
     let stream = UnixStream::connect(&control).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            format!("UVM {uvm:?} is not running (start it with `ferry uvm start {uvm}`; state in {})", root.display())
-        }
-        std::io::ErrorKind::PermissionDenied => {
-            format!("permission denied on {}: the UVM belongs to another user", control.display())
-        }
-        _ => format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => fail(
+            format!("UVM {uvm:?} is not running (start it with `ferry uvm start {uvm}`; state in {})", root.display()),
+            true,
+        ),
+        std::io::ErrorKind::PermissionDenied => fail(
+            format!("permission denied on {}: the UVM belongs to another user", control.display()),
+            false,
+        ),
+        _ => fail(format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()), false),
     })?;
     let (r, mut w) = stream.into_split();
     // Large: a streaming session reads output frames of up to 64 KiB.
     let mut r = BufReader::with_capacity(4 * control::MAX_PAYLOAD, r);
     control::write_line(&mut w, req)
         .await
-        .map_err(|e| format!("sending the request to UVM {uvm:?}: {e}"))?;
+        .map_err(|e| fail(format!("sending the request to UVM {uvm:?}: {e}"), true))?;
     let reply: Reply = control::read_line(&mut r)
         .await
-        .map_err(|e| format!("UVM {uvm:?} did not answer: {e}"))?;
+        .map_err(|e| fail(format!("UVM {uvm:?} did not answer: {e}"), true))?;
     if !reply.ok {
-        return Err(reply.error.unwrap_or_else(|| "unknown error".into()));
+        let message = reply.error.unwrap_or_else(|| "unknown error".into());
+        let between_hosts = message.contains(control::HANDING_OVER);
+        return Err(fail(message, between_hosts));
     }
     let session = req.streams().then_some((r, w));
     Ok((reply.data, session))
+}
+
+/// Sends `req` to the host process that takes over a UVM whose host process went away while
+/// streaming (`ferry uvm upgrade`, `ferry uvm restore`), waiting up to `wait` for one to
+/// answer. A UVM that migrated to another machine is not waited for.
+pub async fn request_successor(
+    root: &Path,
+    uvm: &str,
+    req: &Request,
+    wait: std::time::Duration,
+) -> Result<(serde_json::Value, Option<Session>), String> {
+    let started = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        let e = match try_request(root, uvm, req).await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => e,
+        };
+        if !e.between_hosts {
+            return Err(e.message);
+        }
+        let migrated = UvmPaths::new(root, uvm).dir.join("migrated");
+        if let Ok(to) = std::fs::read_to_string(&migrated) {
+            return Err(format!(
+                "UVM {uvm:?} migrated to {}; its output goes on there",
+                to.trim()
+            ));
+        }
+        if started.elapsed() >= wait {
+            return Err(format!(
+                "{} (no new host process took it over within {} s)",
+                e.message,
+                wait.as_secs()
+            ));
+        }
+        if !told && started.elapsed() >= std::time::Duration::from_secs(2) {
+            eprintln!(
+                "ferry: UVM {uvm:?} has no host process; waiting up to {} s for one to take it over",
+                wait.as_secs()
+            );
+            told = true;
+        }
+        // Polled: the successor's socket appears at the same path, nothing announces it.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 /// Puts the local terminal in raw mode for a `--tty` session; restores it on drop.
@@ -98,6 +167,32 @@ pub fn is_terminal() -> bool {
 /// the terminal delivers them as keystrokes instead). Returns the exit code, or None when the
 /// stream ended without one (logs without --follow).
 pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i32>, String> {
+    match stream_at(session, stdin, tty, &mut LogOffsets::default()).await? {
+        StreamEnd::Exit(code) => Ok(Some(code)),
+        StreamEnd::Ended => Ok(None),
+        StreamEnd::Lost(e) => Err(e),
+    }
+}
+
+/// How a streaming session ended, when not by an error of its own.
+pub enum StreamEnd {
+    /// The process exited with this code.
+    Exit(i32),
+    /// The shim ended the stream without an exit code.
+    Ended,
+    /// The connection to the shim broke.
+    Lost(String),
+}
+
+/// [`stream`], counting in `at` where each output stream has got to (bytes written out and
+/// bytes the shim reported dropped), so that a follower can resume after a new shim took
+/// over.
+pub async fn stream_at(
+    session: Session,
+    stdin: bool,
+    tty: bool,
+    at: &mut LogOffsets,
+) -> Result<StreamEnd, String> {
     let (mut r, w) = session;
     let w = std::sync::Arc::new(tokio::sync::Mutex::new(w));
     let _raw = (tty && is_terminal()).then(RawMode::enter);
@@ -173,21 +268,32 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
         };
         match got {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(None),
-            Err(e) => break Err(format!("lost the connection to the shim: {e}")),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(StreamEnd::Ended),
+            Err(e) => {
+                break Ok(StreamEnd::Lost(format!(
+                    "lost the connection to the shim: {e}"
+                )));
+            }
         }
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]) as usize;
         if len > control::MAX_PAYLOAD {
-            break Err(format!(
+            break Ok(StreamEnd::Lost(format!(
                 "lost the connection to the shim: control frame of {len} bytes exceeds {}",
                 control::MAX_PAYLOAD
-            ));
+            )));
         }
         if head[0] == tag::STDOUT {
             match stdout_payload(&mut r, len, &mut stdout, &mut splice).await {
-                Ok(()) => continue,
+                Ok(()) => {
+                    at.stdout += len as u64;
+                    continue;
+                }
                 Err(Fail::Stdout) => break Err("stdout closed".to_string()),
-                Err(Fail::Shim(e)) => break Err(format!("lost the connection to the shim: {e}")),
+                Err(Fail::Shim(e)) => {
+                    break Ok(StreamEnd::Lost(format!(
+                        "lost the connection to the shim: {e}"
+                    )));
+                }
             }
         }
         data.resize(len, 0);
@@ -197,22 +303,30 @@ pub async fn stream(session: Session, stdin: bool, tty: bool) -> Result<Option<i
             r.read_exact(&mut data).await.map(|_| ())
         };
         if let Err(e) = got {
-            break Err(format!("lost the connection to the shim: {e}"));
+            break Ok(StreamEnd::Lost(format!(
+                "lost the connection to the shim: {e}"
+            )));
         }
         match head[0] {
             tag::STDERR => {
                 let _ = stderr.write_all(&data);
+                at.stderr += data.len() as u64;
             }
-            tag::DROPPED if data.len() == 8 => {
+            tag::DROPPED if data.len() == 8 || data.len() == 9 => {
                 let mut n = [0u8; 8];
-                n.copy_from_slice(&data);
+                n.copy_from_slice(&data[..8]);
+                let n = u64::from_le_bytes(n);
+                match data.get(8) {
+                    Some(&tag::STDOUT) => at.stdout += n,
+                    Some(&tag::STDERR) => at.stderr += n,
+                    _ => {}
+                }
                 eprintln!(
-                    "ferry: {} bytes of earlier output were dropped (beyond the UVM's log limit, `ferry uvm start --log-limit`)",
-                    u64::from_le_bytes(n)
+                    "ferry: {n} bytes of earlier output were dropped (beyond the UVM's log limit, `ferry uvm start --log-limit`)"
                 );
             }
             tag::EXIT if data.len() == 4 => {
-                break Ok(Some(i32::from_le_bytes([
+                break Ok(StreamEnd::Exit(i32::from_le_bytes([
                     data[0], data[1], data[2], data[3],
                 ])));
             }

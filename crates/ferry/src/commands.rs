@@ -2,7 +2,7 @@
 
 use crate::cli::{ExecArgs, ProcessArgs, RunArgs, UvmCommand};
 use crate::client;
-use crate::control::{ProcessSpec, Request, Rootfs};
+use crate::control::{LogOffsets, ProcessSpec, Request, Rootfs};
 use crate::paths::{self, UvmPaths};
 use crate::shim::backend::{BackendKind, QemuArgs};
 use serde_json::Value;
@@ -89,19 +89,36 @@ pub async fn logs(
     pid: Option<u32>,
     follow: bool,
 ) -> Outcome {
-    let (_, session) = client::request(
-        root,
-        uvm,
-        &Request::Logs {
-            container,
-            pid,
-            follow,
-        },
-    )
-    .await?;
-    client::stream(session.ok_or("no stream")?, false, false).await?;
-    Ok(0)
+    let mut at = LogOffsets::default();
+    let mut request = Request::Logs {
+        container,
+        pid,
+        follow,
+        from: None,
+    };
+    let (_, mut session) = client::request(root, uvm, &request).await?;
+    loop {
+        let end = client::stream_at(session.ok_or("no stream")?, false, false, &mut at).await?;
+        match end {
+            client::StreamEnd::Exit(_) => return Ok(0),
+            client::StreamEnd::Ended if !follow => return Ok(0),
+            client::StreamEnd::Lost(e) if !follow => return Err(e),
+            // The host process went away before the process ended: an upgrade or a restore
+            // hands the UVM to a new one, which has the same logs; go on from here there.
+            client::StreamEnd::Ended | client::StreamEnd::Lost(_) => {
+                if let Request::Logs { from, .. } = &mut request {
+                    *from = Some(at);
+                }
+                session = client::request_successor(root, uvm, &request, SUCCESSOR_WAIT)
+                    .await?
+                    .1;
+            }
+        }
+    }
 }
+
+/// How long `logs --follow` waits for a new host process after its own went away.
+const SUCCESSOR_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn wait(
     root: &Path,

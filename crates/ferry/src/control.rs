@@ -82,6 +82,10 @@ pub enum Request {
         container: String,
         pid: Option<u32>,
         follow: bool,
+        /// Go on from these offsets instead of the beginning: a follower whose shim was
+        /// replaced (`ferry uvm upgrade`, a restore) resumes where it was.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<LogOffsets>,
     },
     /// Delete an exited container (with `force`, kill it first).
     Rm { container: String, force: bool },
@@ -117,6 +121,14 @@ impl Request {
     }
 }
 
+/// Positions in a process's output streams: bytes since the process started, dropped ones
+/// included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct LogOffsets {
+    pub stdout: u64,
+    pub stderr: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Reply {
     pub ok: bool,
@@ -144,6 +156,10 @@ impl Reply {
     }
 }
 
+/// In the refusal a host process gives while it hands its UVM to another (a client may try
+/// again and reach the new one).
+pub const HANDING_OVER: &str = "is stopping or being handed to another host process";
+
 /// Frame tags. Shim → client: output, exit, error. Client → shim: input, resize, signal.
 pub mod tag {
     pub const STDOUT: u8 = 1;
@@ -152,7 +168,8 @@ pub mod tag {
     pub const EXIT: u8 = 3;
     /// Payload: UTF-8 text. The last frame of a stream.
     pub const ERROR: u8 = 4;
-    /// Payload: u64 LE, bytes of output skipped because the log limit dropped them.
+    /// Payload: u64 LE, bytes of output skipped because the log limit dropped them, then the
+    /// tag of the stream they were skipped in (one byte; older shims sent only the count).
     pub const DROPPED: u8 = 5;
     pub const STDIN: u8 = 16;
     pub const STDIN_EOF: u8 = 17;

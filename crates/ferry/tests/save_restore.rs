@@ -212,6 +212,15 @@ fn upgrade_and_save_restore_lose_nothing() {
         &counter(200, "exit 0"),
     ]);
     let shim_before = e.ok(&["--json", "uvm", "inspect", "u"]);
+    // A follower that stays through both handoffs: it goes on with each new host process.
+    let follower = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env("FERRY_STATE_DIR", &e.state)
+        .args(["logs", "-f", "u", "long"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ferry logs -f");
 
     // Handoff 1: upgrade (save + restore) in one step.
     e.ok(&["uvm", "upgrade", "u"]);
@@ -254,6 +263,13 @@ fn upgrade_and_save_restore_lose_nothing() {
     assert_eq!(e.ferry(&["wait", "u", "tty"]).status.code(), Some(0));
     // Every line, once, in order, on the right stream.
     assert_counter(&e.ok(&["logs", "u", "long"]), 300);
+    let followed = follower.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&followed.stderr);
+    assert!(followed.status.success(), "logs -f: {err}");
+    assert_counter(&String::from_utf8_lossy(&followed.stdout), 300);
+    let err_lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("ferry: ")).collect();
+    let want: Vec<String> = (0..300).step_by(20).map(|i| format!("e{i}")).collect();
+    assert_eq!(err_lines, want, "logs -f's stderr: {err}");
     assert_counter(&e.ok(&["logs", "u", "three"]), 40);
     assert_counter(&e.ok(&["logs", "u", "killed"]), 40);
     let err = String::from_utf8_lossy(&e.ferry(&["logs", "u", "three"]).stderr).into_owned();

@@ -3,8 +3,8 @@
 use super::Shim;
 use super::backend::{Backend, BackendKind};
 use super::state::{ContainerRec, Logs, ProcRec};
-use super::stream::{self, StreamPlan};
-use crate::control::{self, ProcessSpec, Reply, Request, Rootfs};
+use super::stream::{self, StartAt, StreamPlan};
+use crate::control::{self, LogOffsets, ProcessSpec, Reply, Request, Rootfs};
 use crate::spec;
 use bridge::message::ProcessParameters;
 use host::{Container, Pipes};
@@ -29,10 +29,7 @@ pub async fn dispatch(
     {
         let _ = control::write_line(
             &mut w,
-            &Reply::error(format!(
-                "UVM {:?} is stopping or being handed to another host process",
-                shim.name
-            )),
+            &Reply::error(format!("UVM {:?} {}", shim.name, control::HANDING_OVER)),
         )
         .await;
         return;
@@ -82,7 +79,8 @@ pub async fn dispatch(
             container,
             pid,
             follow,
-        } => logs(&shim, &container, pid, follow),
+            from,
+        } => logs(&shim, &container, pid, follow, from),
         Request::Rm { container, force } => rm(&shim, &container, force).await,
     };
     match outcome {
@@ -366,7 +364,7 @@ async fn run(shim: &Shim, id: Option<String>, rootfs: Rootfs, p: ProcessSpec) ->
     super::restore::persist(shim).await;
     let plan = (!p.detach).then(|| StreamPlan {
         rec,
-        from_start: true,
+        from: StartAt::Beginning,
         follow: true,
         stdin: p.stdin,
         attached: true,
@@ -413,7 +411,7 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
     super::restore::persist(shim).await;
     let plan = (!p.detach).then(|| StreamPlan {
         rec,
-        from_start: true,
+        from: StartAt::Beginning,
         follow: true,
         stdin: p.stdin,
         attached: true,
@@ -434,7 +432,7 @@ fn attach(shim: &Shim, container: &str, pid: Option<u32>) -> Outcome {
         json!({"container": container, "pid": pid, "tty": rec.tty}),
         Some(StreamPlan {
             rec,
-            from_start: false,
+            from: StartAt::Now,
             follow: true,
             stdin: true,
             attached: true,
@@ -442,14 +440,20 @@ fn attach(shim: &Shim, container: &str, pid: Option<u32>) -> Outcome {
     ))
 }
 
-fn logs(shim: &Shim, container: &str, pid: Option<u32>, follow: bool) -> Outcome {
+fn logs(
+    shim: &Shim,
+    container: &str,
+    pid: Option<u32>,
+    follow: bool,
+    from: Option<LogOffsets>,
+) -> Outcome {
     let rec = find_proc(shim, container, pid)?;
     let pid = rec.pid;
     Ok((
         json!({"container": container, "pid": pid}),
         Some(StreamPlan {
             rec,
-            from_start: true,
+            from: from.map_or(StartAt::Beginning, StartAt::Offsets),
             follow,
             stdin: false,
             attached: false,

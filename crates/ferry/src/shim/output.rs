@@ -608,12 +608,10 @@ impl OutputLog {
             while offset < limit {
                 let oldest = self.layout.oldest(self.progress().written);
                 if offset < oldest {
-                    control::write_frame(
-                        &mut *out.lock().await,
-                        control::tag::DROPPED,
-                        &(oldest - offset).to_le_bytes(),
-                    )
-                    .await?;
+                    let mut skipped = (oldest - offset).to_le_bytes().to_vec();
+                    skipped.push(tag);
+                    control::write_frame(&mut *out.lock().await, control::tag::DROPPED, &skipped)
+                        .await?;
                     offset = oldest;
                     continue;
                 }
@@ -736,7 +734,10 @@ mod tests {
             let payload = &bytes[5..5 + len];
             match bytes[0] {
                 control::tag::STDOUT => data.extend_from_slice(payload),
-                control::tag::DROPPED => dropped += u64::from_le_bytes(payload.try_into().unwrap()),
+                control::tag::DROPPED => {
+                    assert_eq!(payload[8], control::tag::STDOUT, "the stream is named");
+                    dropped += u64::from_le_bytes(payload[..8].try_into().unwrap())
+                }
                 t => panic!("unexpected tag {t}"),
             }
             bytes = &bytes[5 + len..];

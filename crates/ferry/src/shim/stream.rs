@@ -10,8 +10,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 pub struct StreamPlan {
     pub rec: Arc<ProcRec>,
-    /// Send output from the beginning (logs, a new process) or only what comes next (attach).
-    pub from_start: bool,
+    /// Where in the output to start.
+    pub from: StartAt,
     /// Keep streaming until the process's output ends; otherwise stop at what exists now.
     pub follow: bool,
     /// Feed the client's input to the process's stdin.
@@ -19,6 +19,16 @@ pub struct StreamPlan {
     /// The client is attached to the process (`run`, `attach`): the log waits for it rather
     /// than drop output it has not received.
     pub attached: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum StartAt {
+    /// From the beginning (logs, a new process).
+    Beginning,
+    /// Only what comes next (attach).
+    Now,
+    /// From these offsets (a follower resuming after its shim was replaced).
+    Offsets(control::LogOffsets),
 }
 
 pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHalf) {
@@ -35,10 +45,11 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
         let out = &out;
         async move {
             let Some(log) = log else { return Ok(0) };
-            let from = if plan.from_start {
-                0
-            } else {
-                log.progress().written
+            let from = match plan.from {
+                StartAt::Beginning => 0,
+                StartAt::Now => log.progress().written,
+                StartAt::Offsets(o) if t == tag::STDOUT => o.stdout,
+                StartAt::Offsets(o) => o.stderr,
             };
             // A client attached to the process (not one reading logs) gets every byte.
             log.send_from(from, plan.follow, plan.attached, t, out)
