@@ -16,8 +16,12 @@ pub enum HostError {
     InvalidArgument(String),
     #[error("not implemented by the guest: {0}")]
     NotImplemented(String),
+    /// The guest reported a timeout (a wait with a time limit that ran out).
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The guest did not answer a call in time (see `ConnectionOptions::call_timeout`).
+    #[error("no answer: {0}")]
+    NoAnswer(String),
     #[error("protocol version not supported: {0}")]
     UnsupportedVersion(String),
     /// Any other failure the guest reported.
@@ -61,6 +65,7 @@ impl HostError {
             | HostError::InvalidArgument(m)
             | HostError::NotImplemented(m)
             | HostError::Timeout(m)
+            | HostError::NoAnswer(m)
             | HostError::UnsupportedVersion(m)
             | HostError::Guest { message: m, .. } => m.clone(),
             other => other.to_string(),

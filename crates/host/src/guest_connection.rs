@@ -38,6 +38,10 @@ pub struct ConnectionOptions {
     pub max_frame_size: u32,
     /// How long the guest may take to answer the negotiation.
     pub negotiate_timeout: Duration,
+    /// How long a [`GuestConnection::call`] waits for its answer: a hung or hostile guest
+    /// must not hold a host operation for ever. (Waits for a process's exit are sent with
+    /// [`GuestConnection::send`] and not bounded by this.)
+    pub call_timeout: Duration,
     /// Frames queued for sending before callers wait.
     pub send_queue: usize,
     /// Notifications kept per container until its owner reads them; more are dropped. The
@@ -54,6 +58,7 @@ impl Default for ConnectionOptions {
         ConnectionOptions {
             max_frame_size: bridge::DEFAULT_MAX_FRAME_SIZE,
             negotiate_timeout: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(60),
             send_queue: 256,
             notification_queue: 16,
             notification_bytes: 1 << 20,
@@ -334,10 +339,23 @@ impl GuestConnection {
         Ok((id, rx))
     }
 
-    /// Sends a request and waits for its answer.
+    /// Sends a request and waits for its answer, at most [`ConnectionOptions::call_timeout`].
     pub async fn call(&self, request: Request) -> Result<Response> {
-        let (_, rx) = self.send(&request).await?;
-        self.await_reply(rx).await
+        let (id, rx) = self.send(&request).await?;
+        let limit = self.inner.options.call_timeout;
+        match tokio::time::timeout(limit, self.await_reply(rx)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // An answer that comes later is dropped as one nobody waits for.
+                lock(&self.inner.pending).remove(&id);
+                let rpc = request.rpc().name();
+                tracing::warn!(rpc, id, ?limit, "the guest did not answer");
+                Err(HostError::NoAnswer(format!(
+                    "the guest did not answer {rpc} (request {id}) within {} s",
+                    limit.as_secs_f64()
+                )))
+            }
+        }
     }
 
     /// Waits for the answer to a call sent or registered earlier.

@@ -141,8 +141,8 @@ impl Process {
                 }
                 match probe_conn.call(request).await {
                     Ok(r) => Some(exit_code_of(Ok(r))),
-                    // Still running: the adopted wait will answer.
-                    Err(HostError::Timeout(_)) => None,
+                    // Still running (or the guest is slow to say): the adopted wait will answer.
+                    Err(HostError::Timeout(_) | HostError::NoAnswer(_)) => None,
                     Err(e) => Some(Err(e)),
                 }
             };

@@ -152,6 +152,39 @@ async fn a_response_of_the_wrong_type_does_not_complete_a_call() {
     assert_eq!(conn.dropped_frames(), 1);
 }
 
+/// A guest that takes a request and never answers: the call fails, saying which and after how
+/// long, and the connection goes on (the late answer is dropped). On a paused clock: the
+/// 60 s pass at once.
+#[tokio::test(start_paused = true)]
+async fn a_call_the_guest_never_answers_fails_after_the_call_timeout() {
+    let (conn, mut guest) = connected(ConnectionOptions::default()).await;
+    let signal = |pid| {
+        Request::SignalProcess(SignalProcessRequest {
+            base: RequestBase::for_container("c"),
+            process_id: pid,
+            options: None,
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let (answer, taken) = tokio::join!(conn.call(signal(7)), guest.recv());
+    let err = answer.expect_err("no answer came");
+    assert!(matches!(err, HostError::NoAnswer(_)), "{err:?}");
+    let m = err.message();
+    assert!(m.contains("SignalProcess") && m.contains("60 s"), "{m}");
+    assert!(started.elapsed() >= ConnectionOptions::default().call_timeout);
+    // The answer arrives after all: nobody waits for it any more.
+    let ok = Message::Response(Response::SignalProcess(ResponseBase::ok().into()));
+    guest.send(&ok, taken.id).await;
+    // The next call is answered as usual.
+    let (answer, ()) = tokio::join!(conn.call(signal(8)), async {
+        let f = guest.recv().await;
+        guest.send(&ok, f.id).await;
+    });
+    answer.expect("answered");
+    assert_eq!(conn.dropped_frames(), 1, "the late answer was dropped");
+    assert!(conn.closed_reason().is_none());
+}
+
 #[tokio::test]
 async fn failures_become_typed_errors() {
     let (conn, mut guest) = connected(ConnectionOptions::default()).await;
