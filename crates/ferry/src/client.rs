@@ -201,17 +201,18 @@ pub async fn stream_at(
     if stdin {
         let w = w.clone();
         tasks.push(tokio::spawn(async move {
-            let mut input = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 * 1024];
+            let mut input = Input::get().lock().await;
             loop {
-                let n = match input.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
+                // Cancel-safe: a chunk read stays in the channel until taken here.
+                let Some(chunk) = input.recv().await else {
+                    break;
                 };
-                if control::write_frame(&mut *w.lock().await, tag::STDIN, &buf[..n])
+                if control::write_frame(&mut *w.lock().await, tag::STDIN, &chunk)
                     .await
                     .is_err()
                 {
+                    // The shim went away and read none of it: for the next session.
+                    input.carry = Some(chunk);
                     return;
                 }
             }
@@ -338,6 +339,46 @@ pub async fn stream_at(
         t.abort();
     }
     result
+}
+
+/// Our stdin, read by one task for the whole life of the command: a session that ends (its
+/// host process was replaced) must not take bytes already read from stdin with it, as a
+/// reader per session would.
+struct Input {
+    chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    /// A chunk a session failed to send.
+    carry: Option<Vec<u8>>,
+}
+
+impl Input {
+    fn get() -> &'static tokio::sync::Mutex<Input> {
+        static INPUT: std::sync::OnceLock<tokio::sync::Mutex<Input>> = std::sync::OnceLock::new();
+        INPUT.get_or_init(|| {
+            // One chunk in hand at most: stdin is read as fast as a session sends it on.
+            let (tx, chunks) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(async move {
+                let mut stdin = tokio::io::stdin();
+                let mut buf = vec![0u8; 32 * 1024];
+                while let Ok(n @ 1..) = stdin.read(&mut buf).await {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            tokio::sync::Mutex::new(Input {
+                chunks,
+                carry: None,
+            })
+        })
+    }
+
+    /// The next chunk of input; None at its end.
+    async fn recv(&mut self) -> Option<Vec<u8>> {
+        match self.carry.take() {
+            Some(chunk) => Some(chunk),
+            None => self.chunks.recv().await,
+        }
+    }
 }
 
 enum Fail {

@@ -47,9 +47,45 @@ async fn run_or_exec(root: &Path, uvm: &str, req: Request, p: &ProcessArgs, json
         }
         return Ok(0);
     };
-    match client::stream(session, true, p.tty).await? {
-        Some(code) => Ok(code),
-        None => Err("the stream ended without an exit code".into()),
+    let container = data["container"].as_str().unwrap_or_default().to_string();
+    let pid = data["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let from = LogOffsets::default();
+    let code = follow_attached(root, uvm, session, container, pid, p.tty, from).await?;
+    code.ok_or_else(|| "the stream ended without an exit code".into())
+}
+
+/// Streams an attached session (`run`, `exec`, `attach`) to the process's end. When the
+/// UVM's host process goes away first (`ferry uvm upgrade`, a restore), attaches to the new
+/// one where the output had got to. Input read but not yet sent when the old one went away
+/// may be lost.
+async fn follow_attached(
+    root: &Path,
+    uvm: &str,
+    mut session: client::Session,
+    container: String,
+    pid: Option<u32>,
+    tty: bool,
+    from: LogOffsets,
+) -> Result<Option<i32>, String> {
+    let mut at = from;
+    loop {
+        match client::stream_at(session, true, tty, &mut at).await? {
+            client::StreamEnd::Exit(code) => return Ok(Some(code)),
+            client::StreamEnd::Ended | client::StreamEnd::Lost(_) if pid.is_none() => {
+                return Ok(None);
+            }
+            client::StreamEnd::Ended | client::StreamEnd::Lost(_) => {
+                let again = Request::Attach {
+                    container: container.clone(),
+                    pid,
+                    from: Some(at),
+                };
+                session = client::request_successor(root, uvm, &again, SUCCESSOR_WAIT)
+                    .await?
+                    .1
+                    .ok_or("no stream")?;
+            }
+        }
     }
 }
 
@@ -76,10 +112,25 @@ pub async fn exec(root: &Path, a: ExecArgs, json: bool) -> Outcome {
 }
 
 pub async fn attach(root: &Path, uvm: &str, container: String, pid: Option<u32>) -> Outcome {
-    let (data, session) = client::request(root, uvm, &Request::Attach { container, pid }).await?;
+    let request = Request::Attach {
+        container: container.clone(),
+        pid,
+        from: None,
+    };
+    let (data, session) = client::request(root, uvm, &request).await?;
     let tty = data["tty"].as_bool().unwrap_or(false);
     let session = session.ok_or("no stream")?;
-    Ok(client::stream(session, true, tty).await?.unwrap_or(0))
+    // The pid the shim chose: a successor is asked for the same process.
+    let pid = data["pid"]
+        .as_u64()
+        .and_then(|p| u32::try_from(p).ok())
+        .or(pid);
+    let from = serde_json::from_value(data["from"].clone()).unwrap_or_default();
+    Ok(
+        follow_attached(root, uvm, session, container, pid, tty, from)
+            .await?
+            .unwrap_or(0),
+    )
 }
 
 pub async fn logs(

@@ -67,7 +67,14 @@ pub enum Request {
         process: ProcessSpec,
     },
     /// Stream a process's output (and feed its stdin) from now on.
-    Attach { container: String, pid: Option<u32> },
+    Attach {
+        container: String,
+        pid: Option<u32>,
+        /// Go on from these offsets instead of what comes next: a client whose shim was
+        /// replaced mid-session resumes where it was.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<LogOffsets>,
+    },
     /// Containers, or the processes of one container.
     Ps { container: Option<String> },
     Kill {

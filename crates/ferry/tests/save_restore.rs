@@ -802,3 +802,50 @@ fn stdin_sent_before_a_handoff_and_after_it_both_arrive() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(e.ok(&["logs", "u", "r"]), "got one\ngot two\n");
 }
+
+/// A foreground `ferry run` (output streamed, input forwarded) outlives an upgrade of its
+/// UVM's host process: it goes on with the new one, every line once, and ends with the
+/// process's exit code.
+#[test]
+fn a_foreground_run_goes_on_across_an_upgrade() {
+    if skip("foreground run across a handoff test") {
+        return;
+    }
+    use std::io::{BufRead, Read, Write};
+    let e = Env::new("fg");
+    let script = format!(
+        "read a; echo got $a; {}; read b; echo got $b; exit 4",
+        counter(100, "true")
+    );
+    let mut run = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env("FERRY_STATE_DIR", &e.state)
+        .args(["run", "u", "--id", "fg", "--", "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
+    let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "got one\n");
+
+    e.ok(&["uvm", "upgrade", "u"]);
+
+    run.stdin.as_mut().unwrap().write_all(b"two\n").unwrap();
+    drop(run.stdin.take());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = run.wait().unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(4), "ferry run: {err}");
+    let counted = rest
+        .strip_suffix("got two\n")
+        .unwrap_or_else(|| panic!("{rest}"));
+    assert_counter(counted, 100);
+    let want: Vec<String> = (0..100).step_by(20).map(|i| format!("e{i}")).collect();
+    let err_lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("ferry: ")).collect();
+    assert_eq!(err_lines, want, "run's stderr: {err}");
+}

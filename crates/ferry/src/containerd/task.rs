@@ -672,6 +672,7 @@ impl Task for TaskService {
             Request::Attach {
                 container: req.id.clone(),
                 pid: None,
+                from: None,
             }
         } else if req.exec_id.is_empty() {
             let root = s

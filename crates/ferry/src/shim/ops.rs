@@ -67,7 +67,11 @@ pub async fn dispatch(
             process,
         } => run(&shim, id, rootfs, process).await,
         Request::Exec { container, process } => exec(&shim, &container, process).await,
-        Request::Attach { container, pid } => attach(&shim, &container, pid),
+        Request::Attach {
+            container,
+            pid,
+            from,
+        } => attach(&shim, &container, pid, from),
         Request::Ps { container } => ps(&shim, container.as_deref()),
         Request::Kill {
             container,
@@ -419,7 +423,7 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
     Ok((json!({"container": id, "pid": pid}), plan))
 }
 
-fn attach(shim: &Shim, container: &str, pid: Option<u32>) -> Outcome {
+fn attach(shim: &Shim, container: &str, pid: Option<u32>, from: Option<LogOffsets>) -> Outcome {
     let rec = find_proc(shim, container, pid)?;
     if rec.exit_state().is_some() {
         return Err(format!(
@@ -428,11 +432,20 @@ fn attach(shim: &Shim, container: &str, pid: Option<u32>) -> Outcome {
         ));
     }
     let pid = rec.pid;
+    // Where this session starts, told to the client: it counts on from there, to resume at
+    // the right place should this host process be replaced.
+    let written = |log: &Option<Arc<super::output::OutputLog>>| {
+        log.as_ref().map_or(0, |l| l.progress().written)
+    };
+    let from = from.unwrap_or(LogOffsets {
+        stdout: written(&rec.stdout),
+        stderr: written(&rec.stderr),
+    });
     Ok((
-        json!({"container": container, "pid": pid, "tty": rec.tty}),
+        json!({"container": container, "pid": pid, "tty": rec.tty, "from": from}),
         Some(StreamPlan {
             rec,
-            from: StartAt::Now,
+            from: StartAt::Offsets(from),
             follow: true,
             stdin: true,
             attached: true,

@@ -25,9 +25,8 @@ pub struct StreamPlan {
 pub enum StartAt {
     /// From the beginning (logs, a new process).
     Beginning,
-    /// Only what comes next (attach).
-    Now,
-    /// From these offsets (a follower resuming after its shim was replaced).
+    /// From these offsets (an attach: what comes next, or where a client whose shim was
+    /// replaced had got to).
     Offsets(control::LogOffsets),
 }
 
@@ -47,7 +46,6 @@ pub async fn run(plan: StreamPlan, r: BufReader<OwnedReadHalf>, w: OwnedWriteHal
             let Some(log) = log else { return Ok(0) };
             let from = match plan.from {
                 StartAt::Beginning => 0,
-                StartAt::Now => log.progress().written,
                 StartAt::Offsets(o) if t == tag::STDOUT => o.stdout,
                 StartAt::Offsets(o) => o.stderr,
             };
