@@ -69,20 +69,80 @@ async fn try_request(
     Ok((reply.data, session))
 }
 
+/// Which run of a UVM a client talks to: its process (the agent on the local backend, QEMU),
+/// with the time the kernel started it (so a reused pid is not taken for it), stays the same
+/// across host processes and differs for a UVM of the same name started anew.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UvmIdentity {
+    pid: Option<u64>,
+    start_ticks: Option<u64>,
+}
+
+impl UvmIdentity {
+    fn of(info: &serde_json::Value) -> UvmIdentity {
+        let pid = info["uvm"]["pid"].as_u64();
+        UvmIdentity {
+            pid,
+            start_ticks: pid.and_then(start_ticks),
+        }
+    }
+
+    /// Whether the UVM's process is gone for good (nothing can take it over then).
+    fn is_gone(&self) -> bool {
+        let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) else {
+            return false;
+        };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    }
+}
+
+/// When the kernel started process `pid` (field 22 of /proc/PID/stat, in clock ticks since
+/// boot).
+fn start_ticks(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The identity of the UVM `uvm` serves now (default when it cannot be asked: then a
+/// successor is not checked).
+pub async fn uvm_identity(root: &Path, uvm: &str) -> UvmIdentity {
+    match request(root, uvm, &Request::Info).await {
+        Ok((info, _)) => UvmIdentity::of(&info),
+        Err(_) => UvmIdentity::default(),
+    }
+}
+
 /// Sends `req` to the host process that takes over a UVM whose host process went away while
 /// streaming (`ferry uvm upgrade`, `ferry uvm restore`), waiting up to `wait` for one to
-/// answer. A UVM that migrated to another machine is not waited for.
+/// answer. Not waited for: a UVM that migrated to another machine, one whose own process is
+/// gone (stopped), and a new UVM of the same name (`identity` differs).
 pub async fn request_successor(
     root: &Path,
     uvm: &str,
     req: &Request,
+    identity: &UvmIdentity,
     wait: std::time::Duration,
 ) -> Result<(serde_json::Value, Option<Session>), String> {
     let started = std::time::Instant::now();
     let mut told = false;
     loop {
-        let e = match try_request(root, uvm, req).await {
-            Ok(answer) => return Ok(answer),
+        let e = match try_request(root, uvm, &Request::Info).await {
+            Ok((info, _))
+                if *identity != UvmIdentity::default() && UvmIdentity::of(&info) != *identity =>
+            {
+                return Err(format!(
+                    "UVM {uvm:?} was stopped and another of that name started; the process followed is gone"
+                ));
+            }
+            Ok(_) => match try_request(root, uvm, req).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => e,
+            },
             Err(e) => e,
         };
         if !e.between_hosts {
@@ -94,6 +154,9 @@ pub async fn request_successor(
                 "UVM {uvm:?} migrated to {}; its output goes on there",
                 to.trim()
             ));
+        }
+        if identity.is_gone() {
+            return Err(format!("UVM {uvm:?} was stopped"));
         }
         if started.elapsed() >= wait {
             return Err(format!(
@@ -110,7 +173,11 @@ pub async fn request_successor(
             told = true;
         }
         // Polled: the successor's socket appears at the same path, nothing announces it.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            // Our SIGINT handler (installed for the stream) outlives it: Ctrl-C ends the wait.
+            _ = tokio::signal::ctrl_c() => return Err("interrupted".into()),
+        }
     }
 }
 

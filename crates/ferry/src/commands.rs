@@ -38,6 +38,11 @@ fn process_spec(p: &ProcessArgs) -> ProcessSpec {
 }
 
 async fn run_or_exec(root: &Path, uvm: &str, req: Request, p: &ProcessArgs, json: bool) -> Outcome {
+    let identity = if p.detach {
+        client::UvmIdentity::default()
+    } else {
+        client::uvm_identity(root, uvm).await
+    };
     let (data, session) = client::request(root, uvm, &req).await?;
     let Some(session) = session else {
         if json {
@@ -47,11 +52,25 @@ async fn run_or_exec(root: &Path, uvm: &str, req: Request, p: &ProcessArgs, json
         }
         return Ok(0);
     };
-    let container = data["container"].as_str().unwrap_or_default().to_string();
-    let pid = data["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
-    let from = LogOffsets::default();
-    let code = follow_attached(root, uvm, session, container, pid, p.tty, from).await?;
+    let followed = Attached {
+        container: data["container"].as_str().unwrap_or_default().to_string(),
+        pid: data["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+        tty: p.tty,
+        // A new process's output is streamed from its start.
+        from: LogOffsets::default(),
+        identity,
+    };
+    let code = follow_attached(root, uvm, session, followed).await?;
     code.ok_or_else(|| "the stream ended without an exit code".into())
+}
+
+/// The process an attached session streams, and where its output starts.
+struct Attached {
+    container: String,
+    pid: Option<u32>,
+    tty: bool,
+    from: LogOffsets,
+    identity: client::UvmIdentity,
 }
 
 /// Streams an attached session (`run`, `exec`, `attach`) to the process's end. When the
@@ -62,12 +81,15 @@ async fn follow_attached(
     root: &Path,
     uvm: &str,
     mut session: client::Session,
-    container: String,
-    pid: Option<u32>,
-    tty: bool,
-    from: LogOffsets,
+    a: Attached,
 ) -> Result<Option<i32>, String> {
-    let mut at = from;
+    let Attached {
+        container,
+        pid,
+        tty,
+        from: mut at,
+        identity,
+    } = a;
     loop {
         match client::stream_at(session, true, tty, &mut at).await? {
             client::StreamEnd::Exit(code) => return Ok(Some(code)),
@@ -80,7 +102,7 @@ async fn follow_attached(
                     pid,
                     from: Some(at),
                 };
-                session = client::request_successor(root, uvm, &again, SUCCESSOR_WAIT)
+                session = client::request_successor(root, uvm, &again, &identity, SUCCESSOR_WAIT)
                     .await?
                     .1
                     .ok_or("no stream")?;
@@ -117,6 +139,7 @@ pub async fn attach(root: &Path, uvm: &str, container: String, pid: Option<u32>)
         pid,
         from: None,
     };
+    let identity = client::uvm_identity(root, uvm).await;
     let (data, session) = client::request(root, uvm, &request).await?;
     let tty = data["tty"].as_bool().unwrap_or(false);
     let session = session.ok_or("no stream")?;
@@ -125,12 +148,16 @@ pub async fn attach(root: &Path, uvm: &str, container: String, pid: Option<u32>)
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
         .or(pid);
-    let from = serde_json::from_value(data["from"].clone()).unwrap_or_default();
-    Ok(
-        follow_attached(root, uvm, session, container, pid, tty, from)
-            .await?
-            .unwrap_or(0),
-    )
+    let followed = Attached {
+        container,
+        pid,
+        tty,
+        from: serde_json::from_value(data["from"].clone()).unwrap_or_default(),
+        identity,
+    };
+    Ok(follow_attached(root, uvm, session, followed)
+        .await?
+        .unwrap_or(0))
 }
 
 pub async fn logs(
@@ -147,6 +174,11 @@ pub async fn logs(
         follow,
         from: None,
     };
+    let identity = if follow {
+        client::uvm_identity(root, uvm).await
+    } else {
+        client::UvmIdentity::default()
+    };
     let (_, mut session) = client::request(root, uvm, &request).await?;
     loop {
         let end = client::stream_at(session.ok_or("no stream")?, false, false, &mut at).await?;
@@ -160,7 +192,7 @@ pub async fn logs(
                 if let Request::Logs { from, .. } = &mut request {
                     *from = Some(at);
                 }
-                session = client::request_successor(root, uvm, &request, SUCCESSOR_WAIT)
+                session = client::request_successor(root, uvm, &request, &identity, SUCCESSOR_WAIT)
                     .await?
                     .1;
             }

@@ -526,3 +526,47 @@ fn logs_are_bounded_but_an_attached_client_gets_everything() {
         stderr(&logs)
     );
 }
+
+/// Clients streaming in the foreground (`run`, `logs -f`) go on across a replaced host
+/// process, but not past a stopped UVM: they end with the reason, without waiting for a
+/// successor that cannot come.
+#[test]
+fn stopping_the_uvm_ends_its_foreground_clients_with_the_reason() {
+    if skip("stopping_the_uvm_ends_its_foreground_clients_with_the_reason") {
+        return;
+    }
+    use std::io::BufRead;
+    let e = Env::new("stopfg");
+    let started = |args: &[&str]| {
+        let mut child = e
+            .cmd(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line, "up\n", "{args:?} streams");
+        child
+    };
+    let run = started(&[
+        "run",
+        "u",
+        "--id",
+        "s",
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 1000",
+    ]);
+    let follow = started(&["logs", "-f", "u", "s"]);
+    let stop = e.ferry(&["uvm", "stop", "u"]);
+    assert_eq!(code(&stop), 0, "{}", stderr(&stop));
+    for (what, child) in [("run", run), ("logs -f", follow)] {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(code(&out), 125, "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains("stopped"), "{what}: {}", stderr(&out));
+    }
+}
