@@ -213,7 +213,7 @@ fn upgrade_and_save_restore_lose_nothing() {
     ]);
     let shim_before = e.ok(&["--json", "uvm", "inspect", "u"]);
     // A follower that stays through both handoffs: it goes on with each new host process.
-    let follower = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .env("FERRY_STATE_DIR", &e.state)
         .args(["logs", "-f", "u", "long"])
         .stdin(Stdio::null())
@@ -221,6 +221,11 @@ fn upgrade_and_save_restore_lose_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run ferry logs -f");
+    // Streaming before the first handoff (a request that reaches a host process already
+    // handing over is refused).
+    let mut followed = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut followed, &mut first).unwrap();
 
     // Handoff 1: upgrade (save + restore) in one step.
     e.ok(&["uvm", "upgrade", "u"]);
@@ -263,10 +268,11 @@ fn upgrade_and_save_restore_lose_nothing() {
     assert_eq!(e.ferry(&["wait", "u", "tty"]).status.code(), Some(0));
     // Every line, once, in order, on the right stream.
     assert_counter(&e.ok(&["logs", "u", "long"]), 300);
-    let followed = follower.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&followed.stderr);
-    assert!(followed.status.success(), "logs -f: {err}");
-    assert_counter(&String::from_utf8_lossy(&followed.stdout), 300);
+    std::io::Read::read_to_string(&mut followed, &mut first).unwrap();
+    let follower = follower.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&follower.stderr);
+    assert!(follower.status.success(), "logs -f: {err}");
+    assert_counter(&first, 300);
     let err_lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("ferry: ")).collect();
     let want: Vec<String> = (0..300).step_by(20).map(|i| format!("e{i}")).collect();
     assert_eq!(err_lines, want, "logs -f's stderr: {err}");
@@ -848,4 +854,47 @@ fn a_foreground_run_goes_on_across_an_upgrade() {
     let want: Vec<String> = (0..100).step_by(20).map(|i| format!("e{i}")).collect();
     let err_lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("ferry: ")).collect();
     assert_eq!(err_lines, want, "run's stderr: {err}");
+}
+
+/// A foreground `ferry run` whose process ends while no host process serves the UVM (between
+/// a save and its restore) waits for the new one, then gets the rest of the output and the
+/// exit code.
+#[test]
+fn a_foreground_run_whose_process_ends_between_hosts_gets_the_rest_and_the_code() {
+    if skip("foreground run across a save gap test") {
+        return;
+    }
+    use std::io::{BufRead, Read, Write};
+    let e = Env::new("fgap");
+    let agent = agent_pid(&e);
+    let script = format!(
+        "read a; echo got $a; sleep 0.5; echo gap-run >/dev/null; {}",
+        counter(50, "exit 6")
+    );
+    let mut run = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env("FERRY_STATE_DIR", &e.state)
+        .args(["run", "u", "--id", "gap", "--", "sh", "-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
+    drop(run.stdin.take());
+    let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "got one\n");
+
+    let snap = e.ok(&["uvm", "save", "u"]);
+    wait_gone(agent, "gap-run");
+    e.ok(&["uvm", "restore", snap.trim()]);
+
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let status = run.wait().unwrap();
+    let mut err = String::new();
+    run.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(6), "ferry run: {err}");
+    assert_counter(&rest, 50);
 }

@@ -425,7 +425,9 @@ async fn exec(shim: &Shim, id: &str, p: ProcessSpec) -> Outcome {
 
 fn attach(shim: &Shim, container: &str, pid: Option<u32>, from: Option<LogOffsets>) -> Outcome {
     let rec = find_proc(shim, container, pid)?;
-    if rec.exit_state().is_some() {
+    // A client resuming (its host process was replaced) gets the rest and the exit code even
+    // if the process ended meanwhile.
+    if rec.exit_state().is_some() && from.is_none() {
         return Err(format!(
             "process {} in container {container:?} has exited; see its output with `ferry logs`",
             rec.pid
