@@ -566,7 +566,14 @@ fn stopping_the_uvm_ends_its_foreground_clients_with_the_reason() {
     assert_eq!(code(&stop), 0, "{}", stderr(&stop));
     for (what, child) in [("run", run), ("logs -f", follow)] {
         let out = child.wait_with_output().unwrap();
-        assert_eq!(code(&out), 125, "{what}: {}", stderr(&out));
-        assert!(stderr(&out).contains("stopped"), "{what}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(code(&out), 125, "{what}: {err}");
+        // The shim may say it first (the guest went away) or the client find the UVM gone;
+        // either way it did not wait for a new host process.
+        assert!(
+            err.contains("was stopped") || err.contains("guest connection closed"),
+            "{what}: {err}"
+        );
+        assert!(!err.contains("waiting up to"), "{what}: {err}");
     }
 }
