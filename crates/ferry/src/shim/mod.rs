@@ -214,18 +214,24 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| format!("signal handler: {e}"))?;
     let guest_gone = shim.conn.clone();
+    let mut handlers = tokio::task::JoinSet::new();
+    // Whether requests in flight get their answers before the shim exits: when it stops the
+    // UVM on its own, they fail with the reason, which their clients should see.
+    let mut answer_in_flight = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle(shim.clone(), stream));
+                    handlers.spawn(handle(shim.clone(), stream));
                 }
                 Err(e) => tracing::warn!(error = %e, "control accept failed"),
             },
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             _ = stop.wait_for(|s| *s) => break,
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping the UVM");
                 let _ = shim.uvm.lock().await.stop(std::time::Duration::from_secs(5)).await;
+                answer_in_flight = true;
                 break;
             }
             reason = guest_gone.closed() => {
@@ -236,8 +242,18 @@ async fn serve(args: ShimArgs, root: PathBuf, paths: UvmPaths) -> Result<(), Str
                 }
                 tracing::error!(%reason, "lost the guest connection; the UVM is unusable, stopping");
                 let _ = shim.uvm.lock().await.stop(std::time::Duration::from_secs(5)).await;
+                answer_in_flight = true;
                 break;
             }
+        }
+    }
+    if answer_in_flight {
+        let answered = async { while handlers.join_next().await.is_some() {} };
+        if tokio::time::timeout(std::time::Duration::from_secs(2), answered)
+            .await
+            .is_err()
+        {
+            tracing::warn!(left = handlers.len(), "requests still in flight at exit");
         }
     }
     tracing::info!(uvm = name, "shim exiting");
