@@ -148,8 +148,7 @@ pub async fn request_successor(
         if !e.between_hosts {
             return Err(e.message);
         }
-        let migrated = UvmPaths::new(root, uvm).dir.join("migrated");
-        if let Ok(to) = std::fs::read_to_string(&migrated) {
+        if let Ok(to) = std::fs::read_to_string(UvmPaths::new(root, uvm).migrated()) {
             return Err(format!(
                 "UVM {uvm:?} migrated to {}; its output goes on there",
                 to.trim()

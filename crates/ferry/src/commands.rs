@@ -52,62 +52,66 @@ async fn run_or_exec(root: &Path, uvm: &str, req: Request, p: &ProcessArgs, json
         }
         return Ok(0);
     };
-    let followed = Attached {
-        container: data["container"].as_str().unwrap_or_default().to_string(),
-        pid: data["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+    let container = data["container"].as_str().unwrap_or_default().to_string();
+    let pid = data["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    let resume = |at| reattach(&container, pid, at);
+    let how = Follow {
+        stdin: true,
         tty: p.tty,
-        // A new process's output is streamed from its start.
-        from: LogOffsets::default(),
         identity,
+        resume: pid
+            .is_some()
+            .then_some(&resume as &dyn Fn(LogOffsets) -> Request),
     };
-    let code = follow_attached(root, uvm, session, followed).await?;
+    // A new process's output is streamed from its start.
+    let code = follow(root, uvm, session, LogOffsets::default(), how).await?;
     code.ok_or_else(|| "the stream ended without an exit code".into())
 }
 
-/// The process an attached session streams, and where its output starts.
-struct Attached {
-    container: String,
-    pid: Option<u32>,
+/// What a streaming command does when the UVM's host process is replaced under it.
+struct Follow<'a> {
+    /// Our stdin goes to the process (`run`, `exec`, `attach`).
+    stdin: bool,
     tty: bool,
-    from: LogOffsets,
+    /// The UVM the stream is from (a new host process must serve the same one).
     identity: client::UvmIdentity,
+    /// The request that resumes the stream at given offsets; None: it ends with its host
+    /// process.
+    resume: Option<&'a dyn Fn(LogOffsets) -> Request>,
 }
 
-/// Streams an attached session (`run`, `exec`, `attach`) to the process's end. When the
-/// UVM's host process goes away first (`ferry uvm upgrade`, a restore), attaches to the new
-/// one where the output had got to. Input read but not yet sent when the old one went away
-/// may be lost.
-async fn follow_attached(
+/// Streams a session from `at` to the process's exit (its code) or the stream's end (None).
+/// When the UVM's host process goes away first (`ferry uvm upgrade`, a restore), goes on with
+/// the new one where the output had got to. Input read but not yet sent when the old one
+/// went away may be lost.
+async fn follow(
     root: &Path,
     uvm: &str,
     mut session: client::Session,
-    a: Attached,
+    mut at: LogOffsets,
+    how: Follow<'_>,
 ) -> Result<Option<i32>, String> {
-    let Attached {
-        container,
-        pid,
-        tty,
-        from: mut at,
-        identity,
-    } = a;
     loop {
-        match client::stream_at(session, true, tty, &mut at).await? {
-            client::StreamEnd::Exit(code) => return Ok(Some(code)),
-            client::StreamEnd::Ended | client::StreamEnd::Lost(_) if pid.is_none() => {
-                return Ok(None);
-            }
-            client::StreamEnd::Ended | client::StreamEnd::Lost(_) => {
-                let again = Request::Attach {
-                    container: container.clone(),
-                    pid,
-                    from: Some(at),
-                };
-                session = client::request_successor(root, uvm, &again, &identity, SUCCESSOR_WAIT)
-                    .await?
-                    .1
-                    .ok_or("no stream")?;
-            }
-        }
+        let end = client::stream_at(session, how.stdin, how.tty, &mut at).await?;
+        let resume = match (end, how.resume) {
+            (client::StreamEnd::Exit(code), _) => return Ok(Some(code)),
+            (client::StreamEnd::Ended, None) => return Ok(None),
+            (client::StreamEnd::Lost(e), None) => return Err(e),
+            (_, Some(resume)) => resume,
+        };
+        session = client::request_successor(root, uvm, &resume(at), &how.identity, SUCCESSOR_WAIT)
+            .await?
+            .1
+            .ok_or("no stream")?;
+    }
+}
+
+/// Attaches again to a process whose session broke, at the offsets its output had reached.
+fn reattach(container: &str, pid: Option<u32>, at: LogOffsets) -> Request {
+    Request::Attach {
+        container: container.to_string(),
+        pid,
+        from: Some(at),
     }
 }
 
@@ -141,23 +145,23 @@ pub async fn attach(root: &Path, uvm: &str, container: String, pid: Option<u32>)
     };
     let identity = client::uvm_identity(root, uvm).await;
     let (data, session) = client::request(root, uvm, &request).await?;
-    let tty = data["tty"].as_bool().unwrap_or(false);
     let session = session.ok_or("no stream")?;
     // The pid the shim chose: a successor is asked for the same process.
     let pid = data["pid"]
         .as_u64()
         .and_then(|p| u32::try_from(p).ok())
         .or(pid);
-    let followed = Attached {
-        container,
-        pid,
-        tty,
-        from: serde_json::from_value(data["from"].clone()).unwrap_or_default(),
+    let resume = |at| reattach(&container, pid, at);
+    let how = Follow {
+        stdin: true,
+        tty: data["tty"].as_bool().unwrap_or(false),
         identity,
+        resume: pid
+            .is_some()
+            .then_some(&resume as &dyn Fn(LogOffsets) -> Request),
     };
-    Ok(follow_attached(root, uvm, session, followed)
-        .await?
-        .unwrap_or(0))
+    let from = serde_json::from_value(data["from"].clone()).unwrap_or_default();
+    Ok(follow(root, uvm, session, from, how).await?.unwrap_or(0))
 }
 
 pub async fn logs(
@@ -167,40 +171,33 @@ pub async fn logs(
     pid: Option<u32>,
     follow: bool,
 ) -> Outcome {
-    let mut at = LogOffsets::default();
-    let mut request = Request::Logs {
-        container,
+    let request = |from| Request::Logs {
+        container: container.clone(),
         pid,
         follow,
-        from: None,
+        from,
     };
     let identity = if follow {
         client::uvm_identity(root, uvm).await
     } else {
         client::UvmIdentity::default()
     };
-    let (_, mut session) = client::request(root, uvm, &request).await?;
-    loop {
-        let end = client::stream_at(session.ok_or("no stream")?, false, false, &mut at).await?;
-        match end {
-            client::StreamEnd::Exit(_) => return Ok(0),
-            client::StreamEnd::Ended if !follow => return Ok(0),
-            client::StreamEnd::Lost(e) if !follow => return Err(e),
-            // The host process went away before the process ended: an upgrade or a restore
-            // hands the UVM to a new one, which has the same logs; go on from here there.
-            client::StreamEnd::Ended | client::StreamEnd::Lost(_) => {
-                if let Request::Logs { from, .. } = &mut request {
-                    *from = Some(at);
-                }
-                session = client::request_successor(root, uvm, &request, &identity, SUCCESSOR_WAIT)
-                    .await?
-                    .1;
-            }
-        }
-    }
+    let (_, session) = client::request(root, uvm, &request(None)).await?;
+    // The host process going away before the process ended: an upgrade or a restore hands
+    // the UVM to a new one, which has the same logs; a follower goes on from there.
+    let resume = |at| request(Some(at));
+    let how = Follow {
+        stdin: false,
+        tty: false,
+        identity,
+        resume: follow.then_some(&resume as &dyn Fn(LogOffsets) -> Request),
+    };
+    let session = session.ok_or("no stream")?;
+    self::follow(root, uvm, session, LogOffsets::default(), how).await?;
+    Ok(0)
 }
 
-/// How long `logs --follow` waits for a new host process after its own went away.
+/// How long a streaming command waits for a new host process after its own went away.
 const SUCCESSOR_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 pub async fn wait(
@@ -637,7 +634,7 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
             .await
             .ok()
             .map(|(d, _)| d);
-        let dir = UvmPaths::new(root, &name).dir;
+        let paths = UvmPaths::new(root, &name);
         rows.push(match info {
             Some(d) => serde_json::json!({
                 "name": name,
@@ -656,7 +653,7 @@ async fn uvm_ls(root: &Path, json: bool) -> Outcome {
                 "hint": format!("its QEMU runs without a host process: `ferry uvm restore` takes it over, `ferry uvm stop {name}` ends it"),
             }),
             // A UVM that left by live migration says where to.
-            None => match std::fs::read_to_string(dir.join("migrated")) {
+            None => match std::fs::read_to_string(paths.migrated()) {
                 Ok(to) => serde_json::json!({"name": name, "status": "migrated", "backend": "qemu",
                     "pid": null, "containers": 0, "to": to.trim()}),
                 Err(_) => serde_json::json!({"name": name, "status": "stopped", "backend": "-",

@@ -49,6 +49,11 @@ impl UvmPaths {
     pub fn logs(&self) -> PathBuf {
         self.dir.join("logs")
     }
+
+    /// Written when the UVM migrated away from this host: where it went.
+    pub fn migrated(&self) -> PathBuf {
+        self.dir.join("migrated")
+    }
 }
 
 pub fn uvms_dir(root: &Path) -> PathBuf {

@@ -189,7 +189,7 @@ pub async fn source<R, W>(
     }
 }
 
-fn lock_outgoing(shim: &Shim) -> std::sync::MutexGuard<'_, Option<Outgoing>> {
+pub(super) fn lock_outgoing(shim: &Shim) -> std::sync::MutexGuard<'_, Option<Outgoing>> {
     shim.outgoing.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -396,7 +396,7 @@ pub async fn resume_source(shim: &Shim) -> Result<(serde_json::Value, Option<Str
 fn retire(paths: &UvmPaths, to: &str) {
     let snap = paths.dir.join("snapshot");
     let _ = std::fs::rename(&snap, paths.dir.join("snapshot.migrated"));
-    let _ = std::fs::write(paths.dir.join("migrated"), format!("{to}\n"));
+    let _ = std::fs::write(paths.migrated(), format!("{to}\n"));
 }
 
 /// Sends the snapshot and every log. The guest is stopped, so the logs no longer grow
@@ -722,7 +722,7 @@ where
     }
     snap.uvm.qemu = Some(super::backend::qemu_state(&uvm));
     // The UVM may have lived here before and left: it is back.
-    let _ = std::fs::remove_file(paths.dir.join("migrated"));
+    let _ = std::fs::remove_file(paths.migrated());
     let _ = std::fs::remove_file(paths.dir.join("snapshot.migrated"));
     if let Err(e) = snapshot::write_with(&paths.dir.join("snapshot"), &snap, false) {
         return fail(&mut uvm, &mut w, format!("cannot write the snapshot: {e}")).await;

@@ -143,11 +143,7 @@ fn find_proc(shim: &Shim, container: &str, pid: Option<u32>) -> Result<Arc<ProcR
 }
 
 async fn info(shim: &Shim) -> Outcome {
-    let outgoing = shim
-        .outgoing
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let outgoing = super::migrate::lock_outgoing(shim).clone();
     // A migration's transfer holds the UVM for seconds: answer from what it saw at its start
     // rather than wait (`ferry uvm ls` and monitoring ask this).
     let props = match (
