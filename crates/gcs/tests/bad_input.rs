@@ -181,14 +181,7 @@ async fn an_answer_over_the_frame_limit_becomes_an_error_and_the_agent_goes_on()
     const LIMIT: u32 = 1024;
     let mut gcs = Gcs::start_with("bigout", &[&format!("--max-frame-size={LIMIT}")]).await;
     let conn = gcs.connect().await;
-    let list = || {
-        conn.call(Request::GetProperties(GetPropertiesRequest {
-            base: base(UVM),
-            query: bridge::JsonString(PropertyQuery {
-                property_types: vec!["ProcessList".into()],
-            }),
-        }))
-    };
+    let list = || conn.call(process_list_req(UVM));
     // Each process adds its command line to the list; start them until the answer no longer
     // fits (the padding, $0 of the script, makes a few enough).
     let pad = "p".repeat(150);
@@ -224,15 +217,8 @@ async fn an_answer_over_the_frame_limit_becomes_an_error_and_the_agent_goes_on()
         ok(&conn.call(signal_req(UVM, pid, 9)).await);
         assert_eq!(wait_exit(&conn, UVM, pid).await, 137);
     }
-    let r = list().await;
-    ok(&r);
-    let Response::GetProperties(p) = r else {
-        panic!()
-    };
-    let listed: Vec<u32> = p
-        .properties
-        .0
-        .process_list
+    let listed: Vec<u32> = process_list(&conn, UVM)
+        .await
         .iter()
         .map(|d| d.process_id)
         .collect();

@@ -439,22 +439,8 @@ async fn container_processes_are_listed_signalled_and_resized() {
     let list = |id: &'static str| {
         let conn = &conn;
         async move {
-            let r = conn
-                .call(Request::GetProperties(GetPropertiesRequest {
-                    base: base(id),
-                    query: bridge::JsonString(PropertyQuery {
-                        property_types: vec!["ProcessList".into()],
-                    }),
-                }))
-                .await;
-            ok(&r);
-            let Response::GetProperties(p) = r else {
-                panic!()
-            };
-            let mut l: Vec<(u32, String)> = p
-                .properties
-                .0
-                .process_list
+            let mut l: Vec<(u32, String)> = process_list(conn, id)
+                .await
                 .into_iter()
                 .map(|d| (d.process_id, d.image_name))
                 .collect();

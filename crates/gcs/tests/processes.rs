@@ -164,36 +164,13 @@ async fn process_list_and_wait_timeout() {
     let (b, _) = gcs
         .exec_uvm(&conn, &["sleep", "1001"], (false, false, false))
         .await;
-    let r = conn
-        .call(Request::GetProperties(GetPropertiesRequest {
-            base: base(UVM),
-            query: bridge::JsonString(PropertyQuery {
-                property_types: vec!["ProcessList".into()],
-            }),
-        }))
-        .await;
-    ok(&r);
-    let Response::GetProperties(p) = r else {
-        panic!()
-    };
-    let mut pids: Vec<u32> = p
-        .properties
-        .0
-        .process_list
-        .iter()
-        .map(|d| d.process_id)
-        .collect();
+    let listed = process_list(&conn, UVM).await;
+    let mut pids: Vec<u32> = listed.iter().map(|d| d.process_id).collect();
     pids.sort();
     let mut want = vec![a, b];
     want.sort();
     assert_eq!(pids, want);
-    assert!(
-        p.properties
-            .0
-            .process_list
-            .iter()
-            .all(|d| d.image_name == "sleep")
-    );
+    assert!(listed.iter().all(|d| d.image_name == "sleep"));
 
     let r = conn.call(wait_req(UVM, a, 50)).await;
     assert_eq!(r.base().result, hresult::VM_TIMEOUT);

@@ -660,6 +660,25 @@ pub fn signal_req(container: &str, pid: u32, signal: i32) -> Request {
     })
 }
 
+pub fn process_list_req(container: &str) -> Request {
+    Request::GetProperties(GetPropertiesRequest {
+        base: base(container),
+        query: bridge::JsonString(PropertyQuery {
+            property_types: vec!["ProcessList".into()],
+        }),
+    })
+}
+
+/// The processes the agent lists for `container` (the call must succeed).
+pub async fn process_list(conn: &Conn, container: &str) -> Vec<ProcessDetails> {
+    let r = conn.call(process_list_req(container)).await;
+    ok(&r);
+    let Response::GetProperties(p) = r else {
+        panic!("unexpected {r:?}")
+    };
+    p.properties.0.process_list
+}
+
 /// Count of open fds and threads of a process.
 pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     let count = |d: String| std::fs::read_dir(d).map(|r| r.count()).unwrap_or(0);
