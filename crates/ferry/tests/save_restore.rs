@@ -44,6 +44,18 @@ impl Env {
             .expect("run ferry")
     }
 
+    /// A ferry command left running, its output piped to the test.
+    fn spawn(&self, args: &[&str], stdin: Stdio) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .env("FERRY_STATE_DIR", &self.state)
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ferry")
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.ferry(args);
         assert!(
@@ -213,14 +225,7 @@ fn upgrade_and_save_restore_lose_nothing() {
     ]);
     let shim_before = e.ok(&["--json", "uvm", "inspect", "u"]);
     // A follower that stays through both handoffs: it goes on with each new host process.
-    let mut follower = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_STATE_DIR", &e.state)
-        .args(["logs", "-f", "u", "long"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ferry logs -f");
+    let mut follower = e.spawn(&["logs", "-f", "u", "long"], Stdio::null());
     // Streaming before the first handoff (a request that reaches a host process already
     // handing over is refused).
     let mut followed = std::io::BufReader::new(follower.stdout.take().unwrap());
@@ -771,15 +776,7 @@ fn stdin_sent_before_a_handoff_and_after_it_both_arrive() {
     e.ok(&[
         "run", "u", "-d", "-i", "--id", "r", "--", "sh", "-c", script,
     ]);
-    let attach = || {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .env("FERRY_STATE_DIR", &e.state)
-            .args(["attach", "u", "r"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let attach = || e.spawn(&["attach", "u", "r"], Stdio::piped());
     // One line in, its echo out; then the client vanishes without closing the input.
     let mut first = attach();
     first.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
@@ -823,14 +820,10 @@ fn a_foreground_run_goes_on_across_an_upgrade() {
         "read a; echo got $a; {}; read b; echo got $b; exit 4",
         counter(100, "true")
     );
-    let mut run = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_STATE_DIR", &e.state)
-        .args(["run", "u", "--id", "fg", "--", "sh", "-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = e.spawn(
+        &["run", "u", "--id", "fg", "--", "sh", "-c", &script],
+        Stdio::piped(),
+    );
     run.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
     let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
     let mut line = String::new();
@@ -871,14 +864,10 @@ fn a_foreground_run_whose_process_ends_between_hosts_gets_the_rest_and_the_code(
         "read a; echo got $a; sleep 0.5; echo gap-run >/dev/null; {}",
         counter(50, "exit 6")
     );
-    let mut run = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_STATE_DIR", &e.state)
-        .args(["run", "u", "--id", "gap", "--", "sh", "-c", &script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut run = e.spawn(
+        &["run", "u", "--id", "gap", "--", "sh", "-c", &script],
+        Stdio::piped(),
+    );
     run.stdin.as_mut().unwrap().write_all(b"one\n").unwrap();
     drop(run.stdin.take());
     let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
