@@ -49,6 +49,11 @@ async fn try_request(
             format!("permission denied on {}: the UVM belongs to another user", control.display()),
             false,
         ),
+        // A host process closing its socket as it hands the UVM over resets the connection.
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => fail(
+            format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()),
+            true,
+        ),
         _ => fail(format!("cannot reach UVM {uvm:?} at {}: {e}", control.display()), false),
     })?;
     let (r, mut w) = stream.into_split();
